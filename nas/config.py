@@ -1,0 +1,181 @@
+"""Experiment files: one YAML per experiment with ``model``, ``data`` and ``train`` sections.
+
+Every key is checked: an unknown key or a value of the wrong type is a
+:class:`ConfigError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search_spaces.models import MODEL_TYPES
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+class ConfigError(ValueError):
+    """An experiment file is malformed; the message names the file and key."""
+
+
+@dataclass
+class DataSection:
+    """Where the corpus is and how it is batched."""
+
+    path: str | None = None  # folder; None means --data, then $MPNAS_DATA, then the PTB cache
+    batch_size: int = 20
+    bptt: int = 20  # LSTM: steps per truncated-BPTT chunk
+    context: int = 64  # Transformer: training window length
+    eval_batch_size: int = 10
+    eval_stride: int = 32  # Transformer evaluation: new tokens scored per sliding window
+
+
+@dataclass
+class TrainSection:
+    """Optimiser, schedule and bookkeeping of FP training."""
+
+    optimizer: str = "sgd"  # sgd | adam | adamw
+    lr: float = 1.0
+    schedule: str = "step"  # step (Zaremba) | cosine | constant
+    lr_decay: float = 0.5  # step: multiply per epoch once past decay_start_epoch
+    decay_start_epoch: int = 4  # step: epochs run at full lr
+    warmup_steps: int = 0  # cosine: linear warmup length
+    weight_decay: float = 0.0
+    clip: float = 5.0  # max global gradient norm; 0 disables clipping
+    # mean: per-token mean cross-entropy. sum_time: summed over the time steps of a chunk and
+    # averaged over the batch, as in Zaremba et al.'s TF code; their lr=1 assumes it (the
+    # PyTorch word_language_model example's lr=20 with a mean loss is the same update).
+    loss_reduction: str = "mean"
+    epochs: int = 13
+    max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
+    seed: int = 0
+    log_interval: int = 50
+
+    def __post_init__(self) -> None:
+        choices = {"optimizer": ("sgd", "adam", "adamw"), "schedule": ("step", "cosine", "constant"),
+                   "loss_reduction": ("mean", "sum_time")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+
+
+@dataclass
+class ExperimentConfig:
+    """A parsed experiment file."""
+
+    model: dict[str, Any]
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    source: str = "<memory>"
+
+    @property
+    def model_type(self) -> str:
+        return str(self.model["type"])
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model.items() if k != "type"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (the YAML it came from, with defaults filled in)."""
+        return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train)}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether ``value`` fits a simple annotation (int, float, bool, str, X | None)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"Any": Any}, {})  # noqa: S307 - our own dataclass annotations
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is Any:
+        return True
+    return isinstance(value, annotation)
+
+
+def _build_section(cls: type, raw: Any, source: str, section: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``raw``, checking keys and types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section '{section}' must be a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{section}.{key}' (expected one of "
+                              f"{', '.join(sorted(known))})")
+        if not _type_ok(value, known[key].type):
+            raise ConfigError(f"{source}: '{section}.{key}' = {value!r} has the wrong type "
+                              f"(expected {known[key].type})")
+        if isinstance(value, int) and not isinstance(value, bool) and known[key].type == "float":
+            raw = {**raw, key: float(value)}
+    try:
+        return cls(**raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: section '{section}': {exc}") from exc
+
+
+def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
+    """Validate a loaded YAML document into an :class:`ExperimentConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections model, data, train")
+    sections = {"model", "data", "train"}
+    for key in raw:
+        if key not in sections:
+            raise ConfigError(f"{source}: unknown section '{key}' (expected {', '.join(sorted(sections))})")
+    model = raw.get("model")
+    if not isinstance(model, dict) or "type" not in model:
+        raise ConfigError(f"{source}: section 'model' needs a 'type' ({' or '.join(MODEL_TYPES)})")
+    if model["type"] not in MODEL_TYPES:
+        raise ConfigError(f"{source}: 'model.type' = {model['type']!r} is not one of {sorted(MODEL_TYPES)}")
+    config_cls = MODEL_TYPES[model["type"]][0]
+    checked = _build_section(config_cls, {k: v for k, v in model.items() if k != "type"}, source, "model")
+    model_dict = {"type": model["type"], **dataclasses.asdict(checked)}
+    data = _build_section(DataSection, raw.get("data"), source, "data")
+    train = _build_section(TrainSection, raw.get("train"), source, "train")
+    positive = {"data.batch_size": data.batch_size, "data.bptt": data.bptt, "data.context": data.context,
+                "data.eval_batch_size": data.eval_batch_size, "data.eval_stride": data.eval_stride,
+                "train.epochs": train.epochs, "train.log_interval": train.log_interval}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{source}: '{key}' = {value} must be >= 1")
+    if model["type"] == "transformer" and data.context > model_dict["context"]:
+        raise ConfigError(f"{source}: 'data.context' = {data.context} exceeds 'model.context' = "
+                          f"{model_dict['context']}")
+    return ExperimentConfig(model=model_dict, data=data, train=train, source=source)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or the name of a packaged config (``quick``, ``ptb_lstm.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (PACKAGED_CONFIGS / path.name, PACKAGED_CONFIGS / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"{name}: no such experiment file (packaged ones: "
+                      f"{', '.join(sorted(p.stem for p in PACKAGED_CONFIGS.glob('*.yaml')))})")
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML file."""
+    path = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_config(raw, str(path))

@@ -1,0 +1,238 @@
+"""Full-precision LM training: SGD (Zaremba recipe) or Adam, checkpoint/resume, DDP.
+
+Run folder layout (``out_dir``):
+- ``checkpoint.pt``: latest state (model, optimizer, RNG, position), rewritten atomically
+  at the end of every epoch and every ``checkpoint_every`` steps.
+- ``best.pt``: model weights with the best validation perplexity, plus its config and
+  vocabulary (the starting point of quantization).
+- ``history.csv`` via ``metrics.json``: per-epoch train loss, valid ppl, lr, tokens/s.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from evaluators.perplexity import perplexity
+from nas.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from nas.config import ExperimentConfig, TrainSection
+from nas.data import Corpus, iter_stream_chunks, stream_batches, window_batches
+from nas.distributed import DistInfo, dist_info_from_env, init_distributed, resolve_device, shutdown
+from search_spaces.models import build_model, model_config_dict
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or gradient norm became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: the next epoch and the next step inside it."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+
+
+def learning_rate(cfg: TrainSection, epoch: int, global_step: int, total_steps: int) -> float:
+    """Learning rate for a step: Zaremba step decay, warmup + cosine, or constant."""
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.lr_decay ** max(0, epoch + 1 - cfg.decay_start_epoch)
+    if cfg.schedule == "cosine":
+        if global_step < cfg.warmup_steps:
+            return cfg.lr * (global_step + 1) / cfg.warmup_steps
+        progress = (global_step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr
+
+
+def make_optimizer(cfg: TrainSection, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimiser named in the ``train`` section."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def epoch_batches(exp: ExperimentConfig, corpus: Corpus, epoch: int, info: DistInfo,
+                  recurrent: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's ``(inputs, targets)`` batches for one epoch.
+
+    The global batch is the configured ``batch_size``; each rank takes an equal slice of
+    it, so DDP's gradient average equals the single-process gradient.
+    """
+    batch = exp.data.batch_size
+    if batch % info.world_size:
+        raise ValueError(f"{exp.source}: data.batch_size = {batch} is not divisible by the "
+                         f"{info.world_size} processes")
+    local = batch // info.world_size
+    lo, hi = info.rank * local, (info.rank + 1) * local
+    if recurrent:
+        rows = stream_batches(corpus.train, batch, exp.data.bptt)
+        return [(x[lo:hi], y[lo:hi]) for _, x, y in iter_stream_chunks(rows, exp.data.bptt)]
+    generator = torch.Generator().manual_seed(exp.train.seed * 100_003 + epoch)
+    batches = window_batches(corpus.train, exp.data.context, batch, generator)
+    # Drop a short last batch: every rank needs an equal, non-empty slice.
+    return [(x[lo:hi], y[lo:hi]) for x, y in batches if x.size(0) == batch]
+
+
+def _evaluate(model: nn.Module, exp: ExperimentConfig, corpus: Corpus, split: str,
+              device: torch.device) -> float:
+    return perplexity(model, corpus.split(split), corpus.vocab.eos_id, batch_size=exp.data.eval_batch_size,
+                      bptt=exp.data.bptt, stride=exp.data.eval_stride, device=device)["ppl"]
+
+
+def _count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # tied weights are counted once
+
+
+def train(exp: ExperimentConfig, corpus: Corpus, out_dir: str | Path, *, device: str | None = "cpu",
+          resume: bool = False, progress: bool = True, checkpoint_every: int = 0,
+          stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Train the experiment's model on ``corpus``; returns the metrics written to metrics.json.
+
+    ``resume`` continues from ``out_dir/checkpoint.pt`` and ends with the same weights as an
+    uninterrupted run. ``stop_after_steps`` saves a checkpoint and returns early after that
+    many optimizer steps in this call (what a killed job leaves behind; used by tests).
+    """
+    out_dir = Path(out_dir)
+    info = dist_info_from_env()
+    dev = resolve_device(device, info)
+    init_distributed(info, dev)
+    try:
+        return _train(exp, corpus, out_dir, dev, info, resume, progress, checkpoint_every, stop_after_steps)
+    finally:
+        shutdown(info)
+
+
+def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.device, info: DistInfo,
+           resume: bool, progress: bool, checkpoint_every: int, stop_after_steps: int | None
+           ) -> dict[str, Any]:
+    cfg = exp.train
+    torch.manual_seed(cfg.seed)
+    model_kwargs = {**exp.model_kwargs(), "vocab_size": len(corpus.vocab)}
+    model = build_model(exp.model_type, **model_kwargs).to(dev)
+    recurrent = hasattr(model, "init_state")
+    optimizer = make_optimizer(cfg, model.parameters())
+    position, best_valid, history = Position(), math.inf, []
+    lstm_state = None
+    ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        position = Position(**ckpt["position"])
+        best_valid, history = ckpt["best_valid"], ckpt["history"]
+        if ckpt.get("lstm_state") is not None:
+            lstm_state = [(h.to(dev), c.to(dev)) for h, c in ckpt["lstm_state"]]
+    elif resume and info.is_main:
+        print(f"no checkpoint at {ckpt_path}; starting from scratch")
+    net: nn.Module = DistributedDataParallel(model) if info.enabled else model
+
+    def save(pos: Position, state: Any) -> None:
+        if info.is_main:
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state(), "position": pos.__dict__, "best_valid": best_valid,
+                "history": history, "config": exp.to_dict(),
+                "lstm_state": None if state is None else [(h.cpu(), c.cpu()) for h, c in state]})
+
+    steps_per_epoch = len(epoch_batches(exp, corpus, 0, info, recurrent))
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+    steps_this_call, train_seconds, train_tokens = 0, 0.0, 0
+    for epoch in range(position.epoch, cfg.epochs):
+        batches = epoch_batches(exp, corpus, epoch, info, recurrent)[:steps_per_epoch]
+        start_step = position.step if epoch == position.epoch else 0
+        if start_step == 0:
+            lstm_state = None  # Zaremba: the hidden state starts from zero every epoch
+        net.train()
+        epoch_loss, epoch_count, t0, epoch_tokens = 0.0, 0, time.perf_counter(), 0
+        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (progress and info.is_main), mininterval=1.0, dynamic_ncols=True)
+        global_step = position.global_step if epoch == position.epoch else epoch * steps_per_epoch
+        for step in range(start_step, steps_per_epoch):
+            inputs, targets = (t.to(dev) for t in batches[step])
+            lr = learning_rate(cfg, epoch, global_step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            out = net(inputs, lstm_state, targets)
+            optimizer.zero_grad(set_to_none=True)
+            scale = inputs.size(1) if cfg.loss_reduction == "sum_time" else 1
+            (out.loss * scale).backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
+            loss = float(out.loss.detach())
+            if not (math.isfinite(loss) and math.isfinite(float(norm))):
+                raise TrainingDivergedError(
+                    f"{exp.source}: training diverged at epoch {epoch + 1}, step {step + 1}: loss={loss}, "
+                    f"gradient norm={float(norm)}, lr={lr:g}. Lower train.lr or set train.clip; the last "
+                    f"good checkpoint is {ckpt_path}")
+            optimizer.step()
+            if recurrent:
+                lstm_state = model.detach_state(out.state)
+            global_step += 1
+            steps_this_call += 1
+            epoch_loss += loss
+            epoch_count += 1
+            epoch_tokens += inputs.numel() * info.world_size
+            elapsed = time.perf_counter() - t0
+            if step % cfg.log_interval == 0 or step + 1 == steps_per_epoch:
+                bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.1f}", lr=f"{lr:.3g}",
+                                tok_s=f"{epoch_tokens / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+            at_end = step + 1 == steps_per_epoch
+            if not at_end and checkpoint_every and global_step % checkpoint_every == 0:
+                save(Position(epoch, step + 1, global_step), lstm_state)
+            if stop_after_steps is not None and steps_this_call >= stop_after_steps and not at_end:
+                save(Position(epoch, step + 1, global_step), lstm_state)
+                bar.close()
+                return {"stopped_early": True, "position": Position(epoch, step + 1, global_step).__dict__}
+        bar.close()
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        train_tokens += epoch_tokens
+        valid_ppl = _evaluate(model, exp, corpus, "valid", dev)
+        if math.isnan(valid_ppl):
+            raise TrainingDivergedError(
+                f"{exp.source}: training diverged at epoch {epoch + 1}: validation loss is NaN (lr={lr:g}). "
+                f"Lower train.lr or set train.clip; the latest checkpoint is {ckpt_path}")
+        history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_count),
+                        "valid_ppl": valid_ppl, "lr": lr, "tokens_per_s": epoch_tokens / max(seconds, 1e-9)})
+        if info.is_main:
+            print(f"epoch {epoch + 1}: train ppl {math.exp(min(epoch_loss / max(1, epoch_count), 50)):.2f}"
+                  f"  valid ppl {valid_ppl:.2f}  lr {lr:.4g}  {epoch_tokens / max(seconds, 1e-9):.0f} tok/s",
+                  flush=True)
+        if valid_ppl < best_valid:
+            best_valid = valid_ppl
+            if info.is_main:
+                save_checkpoint(best_path, {"model": model.state_dict(), "config": model_config_dict(model),
+                                            "vocab": list(corpus.vocab.words), "valid_ppl": valid_ppl,
+                                            "epoch": epoch + 1})
+        save(Position(epoch + 1, 0, global_step), None)
+        if stop_after_steps is not None and steps_this_call >= stop_after_steps and epoch + 1 < cfg.epochs:
+            return {"stopped_early": True, "position": Position(epoch + 1, 0, global_step).__dict__}
+    best = load_checkpoint(best_path) if best_path.is_file() else {"model": model.state_dict()}
+    model.load_state_dict(best["model"])
+    metrics = {
+        "model": exp.model_type, "params": _count_params(model), "epochs": cfg.epochs,
+        "valid_ppl": _evaluate(model, exp, corpus, "valid", dev),
+        "test_ppl": _evaluate(model, exp, corpus, "test", dev),
+        "train_tokens_per_s": (train_tokens / train_seconds) if train_seconds else
+        (history[-1]["tokens_per_s"] if history else 0.0),
+        "history": history, "world_size": info.world_size,
+    }
+    if info.is_main:
+        atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,34 @@
+"""Language models that mpnas quantizes: an explicit-gate LSTM and a causal Transformer."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from torch import nn
+
+from search_spaces.models.lstm_lm import LSTMLM, LMOutput, LSTMConfig, from_torch_lstm, to_torch_lstm
+from search_spaces.models.transformer_lm import TransformerConfig, TransformerLM
+
+MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
+    "lstm": (LSTMConfig, LSTMLM),
+    "transformer": (TransformerConfig, TransformerLM),
+}
+
+__all__ = ["LMOutput", "LSTMConfig", "LSTMLM", "MODEL_TYPES", "TransformerConfig",
+           "TransformerLM", "build_model", "from_torch_lstm", "model_config_dict", "to_torch_lstm"]
+
+
+def build_model(kind: str, **kwargs: object) -> nn.Module:
+    """Build a model of ``kind`` ('lstm' or 'transformer') from config keyword arguments."""
+    if kind not in MODEL_TYPES:
+        raise ValueError(f"unknown model type {kind!r}; expected one of {sorted(MODEL_TYPES)}")
+    config_cls, model_cls = MODEL_TYPES[kind]
+    return model_cls(config_cls(**kwargs))
+
+
+def model_config_dict(model: nn.Module) -> dict[str, object]:
+    """``{'type': kind, **config}``: enough to rebuild the model with :func:`build_model`."""
+    for kind, (config_cls, model_cls) in MODEL_TYPES.items():
+        if isinstance(model, model_cls):
+            return {"type": kind, **{f.name: getattr(model.config, f.name) for f in fields(config_cls)}}
+    raise TypeError(f"not an mpnas model: {type(model).__name__}")
