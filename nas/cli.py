@@ -1,4 +1,4 @@
-"""The ``mpnas`` command line: ``train``, ``evaluate`` and ``quickstart``."""
+"""The ``mpnas`` command line: ``train``, ``retrain``, ``export``, ``evaluate`` and ``quickstart``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from nas.config import ConfigError, load_config
 from nas.data import DataError, load_corpus, resolve_data_dir
+from nas.train import TrainingDivergedError
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -18,13 +19,6 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         "then a downloaded PTB")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def _corpus(args: argparse.Namespace, config_path: str | None):
-    exp_data = None
-    if config_path is not None:
-        exp_data = load_config(config_path).data.path
-    return load_corpus(resolve_data_dir(args.data or exp_data))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -41,28 +35,87 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Perplexity of a checkpoint on the valid and test splits."""
-    from evaluators.perplexity import perplexity
-    from nas.checkpoint import load_checkpoint
+def _load_any_model(path: Path) -> tuple[torch.nn.Module, dict[str, float], tuple[str, ...] | None]:
+    """A model from a packed file or a checkpoint, with its size numbers and vocabulary."""
+    from evaluators.size import model_size
+    from nas.retrain import load_fp_checkpoint
     from search_spaces.models import build_model
+    from search_spaces.packed import MAGIC, load_packed
+    from search_spaces.precision import PrecisionMap
 
-    ckpt = load_checkpoint(Path(args.checkpoint))
-    if "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{args.checkpoint}: not a model checkpoint (expected keys 'model' and 'config')")
+    with path.open("rb") as handle:
+        is_packed = handle.read(len(MAGIC)) == MAGIC
+    if is_packed:
+        model, precision = load_packed(path)
+        size = {**model_size(model, precision), "packed_bytes": float(path.stat().st_size)}
+        return model, size, None
+    ckpt = load_fp_checkpoint(path)
     config = dict(ckpt["config"])
     model = build_model(config.pop("type"), **config)
     model.load_state_dict(ckpt["model"])
+    precision_file = path.parent / "precision.yaml"
+    precision = PrecisionMap.load(precision_file) if precision_file.is_file() else PrecisionMap.uniform(model, 32)
+    vocab = tuple(ckpt["vocab"]) if "vocab" in ckpt else None
+    return model, model_size(model, precision), vocab
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Perplexity (and size) of a checkpoint or a packed file on the valid and test splits."""
+    from evaluators.perplexity import perplexity
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint or packed file")
+    model, size, vocab = _load_any_model(path)
     corpus = load_corpus(resolve_data_dir(args.data))
-    if "vocab" in ckpt and tuple(ckpt["vocab"]) != corpus.vocab.words:
-        raise ValueError(f"{args.checkpoint}: its vocabulary differs from the corpus in {corpus.folder}")
-    result = {}
+    if vocab is not None and vocab != corpus.vocab.words:
+        raise ValueError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}")
+    result: dict[str, object] = {"size": size}
     for split in args.splits:
-        result[split] = perplexity(model, corpus.split(split), corpus.vocab.eos_id,
-                                   batch_size=args.batch_size, device=args.device)
-        print(f"{split}: ppl {result[split]['ppl']:.2f} over {int(result[split]['tokens'])} tokens")
+        ppl = perplexity(model, corpus.split(split), corpus.vocab.eos_id, batch_size=args.batch_size,
+                         device=args.device)
+        result[split] = ppl
+        print(f"{split}: ppl {ppl['ppl']:.2f} over {int(ppl['tokens'])} tokens")
+    disk = f", on disk {size['packed_bytes'] / 1e6:.3f} MB" if "packed_bytes" in size else ""
+    print(f"size: theoretical {size['theoretical_bytes'] / 1e6:.3f} MB{disk}, average bits {size['avg_bits']:.2f}, "
+          f"compression {size['compression']:.2f}x vs FP32")
     if args.json:
         print(json.dumps(result))
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """Quantization-aware retraining (ADMM or STE) of an FP checkpoint at a precision map."""
+    from nas.retrain import load_fp_checkpoint, resolve_precision, retrain
+    from search_spaces.models import build_model
+
+    exp = load_config(args.config)
+    corpus = load_corpus(resolve_data_dir(args.data or exp.data.path))
+    config = dict(load_fp_checkpoint(args.checkpoint)["config"])
+    precision = resolve_precision(args.precision, build_model(config.pop("type"), **config))
+    method = args.method or exp.retrain.method
+    out = Path(args.out or Path("runs") / f"{Path(exp.source).stem}_{method}")
+    metrics = retrain(exp, corpus, args.checkpoint, precision, out, method=method, device=args.device,
+                      resume=args.resume, progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
+    print(f"{method}: valid ppl {metrics['valid_ppl']:.2f}  test ppl {metrics['test_ppl']:.2f}  "
+          f"avg bits {metrics['avg_bits']:.2f}  compression {metrics['compression']:.2f}x  ({out / 'best.pt'})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a checkpoint as a packed file at its precision map."""
+    from nas.retrain import load_fp_checkpoint, resolve_precision
+    from search_spaces.models import build_model
+    from search_spaces.packed import export_packed
+
+    ckpt = load_fp_checkpoint(args.checkpoint)
+    config = dict(ckpt["config"])
+    model = build_model(config.pop("type"), **config)
+    model.load_state_dict(ckpt["model"])
+    spec = args.precision or str(Path(args.checkpoint).parent / "precision.yaml")
+    precision = resolve_precision(spec, model)
+    export_packed(model, precision, args.out)
+    print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.3f} MB)")
     return 0
 
 
@@ -88,8 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="perplexity of a checkpoint")
-    p.add_argument("checkpoint", help="a best.pt written by `mpnas train`")
+    p = sub.add_parser("retrain", help="quantization-aware retraining (ADMM or STE) at a precision map")
+    p.add_argument("config", help="experiment YAML (its `retrain` section)")
+    p.add_argument("--precision", required=True, help="precision map (.yaml/.json) or uniform:BITS")
+    p.add_argument("--checkpoint", required=True, help="the FP best.pt to start from")
+    p.add_argument("--method", choices=["admm", "ste"], help="default: retrain.method of the config")
+    p.add_argument("--out", help="run folder (default runs/<config>_<method>)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="also checkpoint every N steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("export", help="write a (retrained) checkpoint as a bit-packed file")
+    p.add_argument("checkpoint", help="best.pt of `mpnas retrain` (or any checkpoint with --precision)")
+    p.add_argument("--precision", help="map file or uniform:BITS (default: precision.yaml beside the checkpoint)")
+    p.add_argument("--out", required=True, help="packed file to write (e.g. model.mpq)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="perplexity and size of a checkpoint or packed file")
+    p.add_argument("model", help="a best.pt of `mpnas train`/`retrain`, or a packed .mpq file")
     p.add_argument("--splits", nargs="+", default=["valid", "test"], choices=["train", "valid", "test"])
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--json", action="store_true", help="also print the numbers as JSON")
@@ -107,11 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mpnas`` console script."""
     args = build_parser().parse_args(argv)
-    if args.threads:
+    if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError, TrainingDivergedError) as exc:
         print(f"mpnas: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""Experiment files: one YAML per experiment with ``model``, ``data`` and ``train`` sections.
+"""Experiment files: one YAML per experiment with ``model``, ``data``, ``train``, ``retrain`` sections.
 
 Every key is checked: an unknown key or a value of the wrong type is a
 :class:`ConfigError` naming the file and the dotted key.
@@ -66,12 +66,36 @@ class TrainSection:
 
 
 @dataclass
+class RetrainSection(TrainSection):
+    """Quantization-aware retraining from an FP checkpoint (optimiser keys as in ``train``)."""
+
+    method: str = "admm"  # admm | ste
+    epochs: int = 3
+    rho: float = 1e-3  # ADMM: initial penalty weight
+    rho_growth: float = 1.1  # ADMM: rho *= rho_growth at every projection
+    rho_max: float = 1.0
+    project_every: int = 200  # ADMM: steps between projections; STE: between scale re-solves
+    ste_finetune_steps: int = 0  # ADMM: optional STE fine-tune after the final projection
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in ("admm", "ste"):
+            raise ValueError(f"method must be one of ('admm', 'ste'), got {self.method!r}")
+        if self.rho <= 0 or self.rho_max < self.rho or self.rho_growth < 1:
+            raise ValueError(f"need 0 < rho <= rho_max and rho_growth >= 1, got rho={self.rho}, "
+                             f"rho_max={self.rho_max}, rho_growth={self.rho_growth}")
+        if self.project_every < 1 or self.ste_finetune_steps < 0:
+            raise ValueError("project_every must be >= 1 and ste_finetune_steps >= 0")
+
+
+@dataclass
 class ExperimentConfig:
     """A parsed experiment file."""
 
     model: dict[str, Any]
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
+    retrain: RetrainSection = field(default_factory=RetrainSection)
     source: str = "<memory>"
 
     @property
@@ -84,7 +108,7 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (the YAML it came from, with defaults filled in)."""
         return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train)}
+                "train": dataclasses.asdict(self.train), "retrain": dataclasses.asdict(self.retrain)}
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -132,8 +156,8 @@ def _build_section(cls: type, raw: Any, source: str, section: str) -> Any:
 def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
     """Validate a loaded YAML document into an :class:`ExperimentConfig`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with sections model, data, train")
-    sections = {"model", "data", "train"}
+        raise ConfigError(f"{source}: expected a mapping with sections model, data, train, retrain")
+    sections = {"model", "data", "train", "retrain"}
     for key in raw:
         if key not in sections:
             raise ConfigError(f"{source}: unknown section '{key}' (expected {', '.join(sorted(sections))})")
@@ -147,6 +171,7 @@ def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
     model_dict = {"type": model["type"], **dataclasses.asdict(checked)}
     data = _build_section(DataSection, raw.get("data"), source, "data")
     train = _build_section(TrainSection, raw.get("train"), source, "train")
+    retrain = _build_section(RetrainSection, raw.get("retrain"), source, "retrain")
     positive = {"data.batch_size": data.batch_size, "data.bptt": data.bptt, "data.context": data.context,
                 "data.eval_batch_size": data.eval_batch_size, "data.eval_stride": data.eval_stride,
                 "train.epochs": train.epochs, "train.log_interval": train.log_interval}
@@ -156,7 +181,7 @@ def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
     if model["type"] == "transformer" and data.context > model_dict["context"]:
         raise ConfigError(f"{source}: 'data.context' = {data.context} exceeds 'model.context' = "
                           f"{model_dict['context']}")
-    return ExperimentConfig(model=model_dict, data=data, train=train, source=source)
+    return ExperimentConfig(model=model_dict, data=data, train=train, retrain=retrain, source=source)
 
 
 def resolve_config_path(name: str | Path) -> Path:

@@ -10,9 +10,10 @@ Run folder layout (``out_dir``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,49 @@ from search_spaces.models import build_model, model_config_dict
 
 class TrainingDivergedError(RuntimeError):
     """The loss or gradient norm became NaN or infinite."""
+
+
+class TrainingHooks:
+    """Extension points of the training loop; the defaults do nothing (plain FP training).
+
+    Quantization-aware retraining (ADMM, STE) subclasses this instead of copying the loop.
+    """
+
+    def before_forward(self, model: nn.Module) -> None:
+        """Called before each training forward pass."""
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra loss term added to the cross-entropy (before ``loss_reduction`` scaling)."""
+        return None
+
+    def before_step(self, model: nn.Module) -> None:
+        """Called after backward, before gradient clipping and the optimizer step."""
+
+    def after_step(self, model: nn.Module, global_step: int) -> None:
+        """Called after each optimizer step."""
+
+    @contextlib.contextmanager
+    def evaluation(self, model: nn.Module) -> Iterator[None]:
+        """Context in which validation runs and the best checkpoint is taken."""
+        yield
+
+    def finish(self, model: nn.Module) -> None:
+        """Called once after the last epoch, with the best weights loaded."""
+
+    def postfix(self) -> dict[str, str]:
+        """Extra fields for the progress bar."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State saved in checkpoints so that a resumed run continues exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Extra entries for metrics.json."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -96,32 +140,53 @@ def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How one call of :func:`train` runs (not what it trains)."""
+
+    resume: bool = False
+    progress: bool = True
+    checkpoint_every: int = 0
+    stop_after_steps: int | None = None
+
+
 def train(exp: ExperimentConfig, corpus: Corpus, out_dir: str | Path, *, device: str | None = "cpu",
           resume: bool = False, progress: bool = True, checkpoint_every: int = 0,
-          stop_after_steps: int | None = None) -> dict[str, Any]:
+          stop_after_steps: int | None = None, train_cfg: TrainSection | None = None,
+          initial_state: dict[str, torch.Tensor] | None = None,
+          make_hooks: Callable[[nn.Module], TrainingHooks] | None = None) -> dict[str, Any]:
     """Train the experiment's model on ``corpus``; returns the metrics written to metrics.json.
 
     ``resume`` continues from ``out_dir/checkpoint.pt`` and ends with the same weights as an
     uninterrupted run. ``stop_after_steps`` saves a checkpoint and returns early after that
     many optimizer steps in this call (what a killed job leaves behind; used by tests).
+    ``train_cfg`` replaces ``exp.train`` (retraining has its own section), ``initial_state``
+    is the starting weights (an FP checkpoint) and ``make_hooks(model)`` builds the hooks that
+    customise the loop (called once the starting weights are loaded).
     """
     out_dir = Path(out_dir)
     info = dist_info_from_env()
     dev = resolve_device(device, info)
     init_distributed(info, dev)
+    options = RunOptions(resume, progress, checkpoint_every, stop_after_steps)
     try:
-        return _train(exp, corpus, out_dir, dev, info, resume, progress, checkpoint_every, stop_after_steps)
+        return _train(exp, train_cfg or exp.train, corpus, out_dir, dev, info, options, initial_state,
+                      make_hooks or (lambda _model: TrainingHooks()))
     finally:
         shutdown(info)
 
 
-def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.device, info: DistInfo,
-           resume: bool, progress: bool, checkpoint_every: int, stop_after_steps: int | None
-           ) -> dict[str, Any]:
-    cfg = exp.train
+def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Path, dev: torch.device,
+           info: DistInfo, options: RunOptions, initial_state: dict[str, torch.Tensor] | None,
+           make_hooks: Callable[[nn.Module], TrainingHooks]) -> dict[str, Any]:
+    resume, progress = options.resume, options.progress
+    checkpoint_every, stop_after_steps = options.checkpoint_every, options.stop_after_steps
     torch.manual_seed(cfg.seed)
     model_kwargs = {**exp.model_kwargs(), "vocab_size": len(corpus.vocab)}
     model = build_model(exp.model_type, **model_kwargs).to(dev)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    hooks = make_hooks(model)
     recurrent = hasattr(model, "init_state")
     optimizer = make_optimizer(cfg, model.parameters())
     position, best_valid, history = Position(), math.inf, []
@@ -134,6 +199,7 @@ def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.devi
         torch.set_rng_state(ckpt["rng"])
         position = Position(**ckpt["position"])
         best_valid, history = ckpt["best_valid"], ckpt["history"]
+        hooks.load_state_dict(ckpt.get("hooks", {}))
         if ckpt.get("lstm_state") is not None:
             lstm_state = [(h.to(dev), c.to(dev)) for h, c in ckpt["lstm_state"]]
     elif resume and info.is_main:
@@ -145,7 +211,7 @@ def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.devi
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "position": pos.__dict__, "best_valid": best_valid,
-                "history": history, "config": exp.to_dict(),
+                "history": history, "config": exp.to_dict(), "hooks": hooks.state_dict(),
                 "lstm_state": None if state is None else [(h.cpu(), c.cpu()) for h, c in state]})
 
     steps_per_epoch = len(epoch_batches(exp, corpus, 0, info, recurrent))
@@ -168,10 +234,14 @@ def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.devi
             lr = learning_rate(cfg, epoch, global_step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            hooks.before_forward(model)
             out = net(inputs, lstm_state, targets)
             optimizer.zero_grad(set_to_none=True)
             scale = inputs.size(1) if cfg.loss_reduction == "sum_time" else 1
-            (out.loss * scale).backward()
+            extra = hooks.penalty(model)
+            total = out.loss if extra is None else out.loss + extra
+            (total * scale).backward()
+            hooks.before_step(model)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
             loss = float(out.loss.detach())
             if not (math.isfinite(loss) and math.isfinite(float(norm))):
@@ -180,6 +250,7 @@ def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.devi
                     f"gradient norm={float(norm)}, lr={lr:g}. Lower train.lr or set train.clip; the last "
                     f"good checkpoint is {ckpt_path}")
             optimizer.step()
+            hooks.after_step(model, global_step)
             if recurrent:
                 lstm_state = model.detach_state(out.state)
             global_step += 1
@@ -190,7 +261,7 @@ def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.devi
             elapsed = time.perf_counter() - t0
             if step % cfg.log_interval == 0 or step + 1 == steps_per_epoch:
                 bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.1f}", lr=f"{lr:.3g}",
-                                tok_s=f"{epoch_tokens / max(elapsed, 1e-9):.0f}")
+                                tok_s=f"{epoch_tokens / max(elapsed, 1e-9):.0f}", **hooks.postfix())
             bar.update(1)
             at_end = step + 1 == steps_per_epoch
             if not at_end and checkpoint_every and global_step % checkpoint_every == 0:
@@ -203,7 +274,9 @@ def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.devi
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         train_tokens += epoch_tokens
-        valid_ppl = _evaluate(model, exp, corpus, "valid", dev)
+        with hooks.evaluation(model):
+            valid_ppl = _evaluate(model, exp, corpus, "valid", dev)
+            state_for_best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if math.isnan(valid_ppl):
             raise TrainingDivergedError(
                 f"{exp.source}: training diverged at epoch {epoch + 1}: validation loss is NaN (lr={lr:g}). "
@@ -217,7 +290,7 @@ def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.devi
         if valid_ppl < best_valid:
             best_valid = valid_ppl
             if info.is_main:
-                save_checkpoint(best_path, {"model": model.state_dict(), "config": model_config_dict(model),
+                save_checkpoint(best_path, {"model": state_for_best, "config": model_config_dict(model),
                                             "vocab": list(corpus.vocab.words), "valid_ppl": valid_ppl,
                                             "epoch": epoch + 1})
         save(Position(epoch + 1, 0, global_step), None)
@@ -225,13 +298,14 @@ def _train(exp: ExperimentConfig, corpus: Corpus, out_dir: Path, dev: torch.devi
             return {"stopped_early": True, "position": Position(epoch + 1, 0, global_step).__dict__}
     best = load_checkpoint(best_path) if best_path.is_file() else {"model": model.state_dict()}
     model.load_state_dict(best["model"])
+    hooks.finish(model)
     metrics = {
         "model": exp.model_type, "params": _count_params(model), "epochs": cfg.epochs,
         "valid_ppl": _evaluate(model, exp, corpus, "valid", dev),
         "test_ppl": _evaluate(model, exp, corpus, "test", dev),
         "train_tokens_per_s": (train_tokens / train_seconds) if train_seconds else
         (history[-1]["tokens_per_s"] if history else 0.0),
-        "history": history, "world_size": info.world_size,
+        "history": history, "world_size": info.world_size, **hooks.metrics(),
     }
     if info.is_main:
         atomic_write_json(out_dir / "metrics.json", metrics)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 import pytest
+
+from tests.synthetic import write_synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,24 +26,6 @@ def ptb_dir() -> Path:
     if path is None:
         pytest.skip("real PTB not found (set MPNAS_DATA or place it at ../shared/data/ptb)")
     return path
-
-
-def write_synthetic_corpus(folder: Path, seed: int = 0, sentences: tuple[int, int, int] = (400, 40, 40)) -> Path:
-    """A small corpus with learnable structure: templated sentences over a 30-word vocabulary."""
-    rng = random.Random(seed)
-    subjects = ["the cat", "a dog", "the bird", "my friend", "the teacher", "<unk>"]
-    verbs = ["sees", "likes", "chases", "finds", "helps"]
-    objects = ["the ball", "a tree", "the house", "some food", "the car", "N apples"]
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, count in zip(("train", "valid", "test"), sentences, strict=True):
-        lines = []
-        for _ in range(count):
-            words = [rng.choice(subjects), rng.choice(verbs), rng.choice(objects)]
-            if rng.random() < 0.3:
-                words += ["and", rng.choice(verbs), rng.choice(objects)]
-            lines.append(" " + " ".join(words) + " ")
-        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 @pytest.fixture()

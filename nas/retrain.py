@@ -1,0 +1,95 @@
+"""``mpnas retrain``: quantization-aware retraining of an FP checkpoint towards a precision map.
+
+Writes into its run folder what :func:`nas.train.train` writes (``checkpoint.pt``, ``best.pt``
+with the quantized weights, ``metrics.json``) plus ``precision.yaml`` (the map it trained
+towards); ``metrics.json`` adds the size numbers of :func:`evaluators.size.model_size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from evaluators.size import model_size
+from nas.admm import AdmmHooks, SteHooks
+from nas.checkpoint import atomic_write_json, load_checkpoint
+from nas.config import ExperimentConfig, RetrainSection
+from nas.data import Corpus
+from nas.train import TrainingHooks, train
+from search_spaces.models import build_model
+from search_spaces.precision import PrecisionMap
+
+
+def load_fp_checkpoint(path: str | Path, corpus: Corpus | None = None) -> dict[str, Any]:
+    """Read a ``best.pt`` of ``mpnas train``; checks its vocabulary against ``corpus``."""
+    ckpt = load_checkpoint(Path(path))
+    for key in ("model", "config"):
+        if key not in ckpt:
+            raise ValueError(f"{path}: not an mpnas model checkpoint (missing '{key}')")
+    if corpus is not None and "vocab" in ckpt and tuple(ckpt["vocab"]) != corpus.vocab.words:
+        raise ValueError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}")
+    return ckpt
+
+
+def resolve_precision(spec: str, model: nn.Module) -> PrecisionMap:
+    """A precision map from a file, or ``uniform:B`` for every cluster at B bits."""
+    if spec.startswith("uniform:"):
+        value = spec.split(":", 1)[1]
+        if not value.isdigit():
+            raise ValueError(f"--precision {spec!r}: expected uniform:BITS with an integer, e.g. uniform:4")
+        return PrecisionMap.uniform(model, int(value))
+    return PrecisionMap.load(Path(spec))
+
+
+def make_hooks(cfg: RetrainSection, precision: PrecisionMap, method: str) -> Any:
+    """The hooks factory :func:`nas.train.train` calls once the FP weights are loaded."""
+
+    def build(model: nn.Module) -> TrainingHooks:
+        if method == "admm":
+            return AdmmHooks(model, precision, rho=cfg.rho, rho_growth=cfg.rho_growth, rho_max=cfg.rho_max,
+                             project_every=cfg.project_every)
+        return SteHooks(model, precision, rescale_every=cfg.project_every)
+
+    return build
+
+
+def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, precision: PrecisionMap,
+            out_dir: str | Path, *, method: str | None = None, device: str | None = "cpu", resume: bool = False,
+            progress: bool = True, checkpoint_every: int = 0, stop_after_steps: int | None = None
+            ) -> dict[str, Any]:
+    """Retrain ``fp_checkpoint`` at ``precision`` with ADMM or STE; returns metrics.json's content."""
+    out_dir = Path(out_dir)
+    ckpt = load_fp_checkpoint(fp_checkpoint, corpus)
+    model_config = dict(ckpt["config"])
+    exp = dataclasses.replace(exp, model=model_config)  # the checkpoint's architecture wins
+    probe = build_model(model_config["type"], **{k: v for k, v in model_config.items() if k != "type"})
+    probe.load_state_dict(ckpt["model"])
+    precision.validate(probe)
+    cfg = exp.retrain
+    method = method or cfg.method
+    if method not in ("admm", "ste"):
+        raise ValueError(f"unknown retraining method {method!r}; expected 'admm' or 'ste'")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    precision.save(out_dir / "precision.yaml")
+    metrics = train(exp, corpus, out_dir, device=device, resume=resume, progress=progress,
+                    checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps, train_cfg=cfg,
+                    initial_state=ckpt["model"], make_hooks=make_hooks(cfg, precision, method))
+    if metrics.get("stopped_early"):
+        return metrics
+    if method == "admm" and cfg.ste_finetune_steps:
+        tuned = load_checkpoint(out_dir / "best.pt")
+        short = dataclasses.replace(cfg, epochs=1, max_steps_per_epoch=cfg.ste_finetune_steps)
+        metrics = train(exp, corpus, out_dir / "ste_finetune", device=device, resume=resume, progress=progress,
+                        train_cfg=short, initial_state=tuned["model"], make_hooks=make_hooks(cfg, precision, "ste"))
+        for name in ("best.pt", "metrics.json"):
+            (out_dir / "ste_finetune" / name).replace(out_dir / name)
+    final = load_checkpoint(out_dir / "best.pt")
+    probe.load_state_dict(final["model"])
+    metrics.update({"method": method, "precision": dict(precision.bits), **model_size(probe, precision)})
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+

@@ -1,0 +1,214 @@
+"""Packed model files: low-bit codes stored at their real width, no pickle.
+
+Layout of a ``.mpq`` file (all integers little-endian):
+
+====================  =====================================================================
+bytes                 content
+====================  =====================================================================
+8                     magic ``b"MPNASPK1"``
+8                     ``H``: length of the JSON header in bytes (uint64)
+H                     JSON header (UTF-8), see below
+rest                  payload: the byte blocks the header points at, back to back
+====================  =====================================================================
+
+The header holds ``format_version``, ``model`` (the config :func:`build_model` takes),
+``precision`` (the precision map as a dict), ``payload_bytes``, ``payload_crc32`` and
+``tensors``: one entry per state-dict tensor (tied tensors once, with ``aliases``), each a
+list of ``pieces`` covering its rows in order. A piece is either ``{"kind": "fp32", "rows",
+"offset", "nbytes"}`` (raw float32) or ``{"kind": "codes", "cluster", "bits", "rows",
+"offset", "nbytes", "scale_offset", "scale_count"}``: ``numel`` codes bit-packed at ``bits``
+bits each (code ``q`` stored as ``q + qmax``, or ``(q + 1) / 2`` at 1 bit, least
+significant bit first) followed by ``scale_count`` float32 scales (one per cluster, or one
+per row at row granularity). Dequantization is ``codes * scale`` exactly as
+:func:`search_spaces.quant.dequantize` computes it, so a reload is bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from search_spaces.apply import quantize_
+from search_spaces.atomic import atomic_write_bytes
+from search_spaces.models import build_model, model_config_dict
+from search_spaces.precision import Cluster, PrecisionMap, find_clusters
+from search_spaces.quant import FULL_PRECISION, dequantize, qmax
+
+MAGIC = b"MPNASPK1"
+FORMAT_VERSION = 1
+
+
+class PackedFileError(ValueError):
+    """A packed file is truncated, corrupted or not a packed file; the message names it."""
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
+    """Bit-pack integer codes at ``bits`` bits each (LSB first)."""
+    flat = codes.detach().cpu().reshape(-1).to(torch.int64).numpy()
+    unsigned = (flat + 1) // 2 if bits == 1 else flat + qmax(bits)
+    bit_matrix = ((unsigned[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    return np.packbits(bit_matrix.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_codes(payload: bytes, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: ``count`` signed codes as int64."""
+    if len(payload) * 8 < bits * count:
+        raise PackedFileError(f"{count} codes of {bits} bits need {(bits * count + 7) // 8} bytes, "
+                              f"got {len(payload)}")
+    bit_array = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=bits * count, bitorder="little")
+    unsigned = (bit_array.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
+    signed = unsigned * 2 - 1 if bits == 1 else unsigned - qmax(bits)
+    return torch.from_numpy(signed)
+
+
+def _state_key(cluster: Cluster) -> str:
+    return f"{cluster.module}.{cluster.param}" if cluster.module else cluster.param
+
+
+def _scales_bytes(alpha: torch.Tensor) -> bytes:
+    return alpha.detach().cpu().to(torch.float32).reshape(-1).numpy().tobytes()
+
+
+def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -> dict[str, Any]:
+    """Quantize ``model`` in place at ``precision`` and write it packed to ``path`` (atomically).
+
+    Returns the header. The model must be an mpnas model (its config goes into the file);
+    after the call the model's weights equal what :func:`load_packed` returns, bit for bit.
+    """
+    results = quantize_(model, precision)
+    clusters = find_clusters(model)
+    by_tensor: dict[str, list[Cluster]] = {}
+    for cluster in clusters.values():
+        by_tensor.setdefault(_state_key(cluster), []).append(cluster)
+    payload = bytearray()
+
+    def put(block: bytes) -> tuple[int, int]:
+        offset = len(payload)
+        payload.extend(block)
+        return offset, len(block)
+
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}  # tied tensors share storage and shape
+    state = model.state_dict(keep_vars=True)
+    for key, tensor in state.items():
+        groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(key)
+    entries: list[dict[str, Any]] = []
+    for keys in groups.values():
+        key, tensor = keys[0], state[keys[0]]
+        entry: dict[str, Any] = {"name": key, "shape": list(tensor.shape), "aliases": keys[1:], "pieces": []}
+        entries.append(entry)
+        data = tensor.detach().cpu()
+        rows = data.shape[0] if data.dim() else 1
+        owners = sorted((c for k in keys for c in by_tensor.get(k, [])), key=lambda c: (c.rows or (0, rows))[0])
+        cursor = 0
+        for cluster in owners:
+            lo, hi = cluster.rows or (0, rows)
+            if lo > cursor:  # rows no cluster claims stay FP32
+                entry["pieces"].append(_fp32_piece(data[cursor:lo], (cursor, lo), put))
+            bits = int(precision.bits[cluster.name])
+            if bits >= FULL_PRECISION:
+                entry["pieces"].append(_fp32_piece(data[lo:hi], (lo, hi), put))
+            else:
+                result = results[cluster.name]
+                offset, nbytes = put(pack_codes(result.codes, bits))
+                scale_offset, scale_bytes = put(_scales_bytes(result.alpha))
+                entry["pieces"].append({"kind": "codes", "cluster": cluster.name, "bits": bits, "rows": [lo, hi],
+                                        "offset": offset, "nbytes": nbytes, "scale_offset": scale_offset,
+                                        "scale_count": scale_bytes // 4})
+            cursor = hi
+        if cursor < rows or not entry["pieces"]:
+            entry["pieces"].append(_fp32_piece(data.reshape(rows, -1)[cursor:] if data.dim() else data,
+                                               (cursor, rows), put))
+    header = {"format_version": FORMAT_VERSION, "model": model_config_dict(model),
+              "precision": precision.to_dict(), "tensors": entries, "payload_bytes": len(payload),
+              "payload_crc32": zlib.crc32(payload)}
+    blob = json.dumps(header, sort_keys=True).encode("utf-8")
+    atomic_write_bytes(Path(path), MAGIC + struct.pack("<Q", len(blob)) + blob + bytes(payload))
+    return header
+
+
+def _fp32_piece(data: torch.Tensor, rows: tuple[int, int], put: Any) -> dict[str, Any]:
+    offset, nbytes = put(data.to(torch.float32).contiguous().numpy().tobytes())
+    return {"kind": "fp32", "rows": list(rows), "offset": offset, "nbytes": nbytes}
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a packed file into ``(header, state_dict)``; every failure names the file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PackedFileError(f"{path}: cannot read: {exc}") from exc
+    if len(raw) < 16 or raw[:8] != MAGIC:
+        raise PackedFileError(f"{path}: not an mpnas packed file (bad magic; expected {MAGIC!r})")
+    (header_len,) = struct.unpack("<Q", raw[8:16])
+    if 16 + header_len > len(raw):
+        raise PackedFileError(f"{path}: truncated: header of {header_len} bytes, file has {len(raw)}")
+    try:
+        header = json.loads(raw[16 : 16 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackedFileError(f"{path}: corrupted header ({exc})") from exc
+    payload = raw[16 + header_len :]
+    if header.get("format_version") != FORMAT_VERSION:
+        raise PackedFileError(f"{path}: format_version {header.get('format_version')!r} is not supported "
+                              f"(this mpnas reads {FORMAT_VERSION})")
+    if len(payload) != header.get("payload_bytes"):
+        raise PackedFileError(f"{path}: truncated or padded: payload has {len(payload)} bytes, header says "
+                              f"{header.get('payload_bytes')}")
+    if zlib.crc32(payload) != header.get("payload_crc32"):
+        raise PackedFileError(f"{path}: corrupted payload (CRC32 mismatch)")
+    try:
+        state = {}
+        for entry in header["tensors"]:
+            tensor = _decode_tensor(entry, payload)
+            for name in [entry["name"], *entry["aliases"]]:
+                state[name] = tensor
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PackedFileError(f"{path}: malformed tensor table ({exc})") from exc
+    return header, state
+
+
+def _decode_tensor(entry: dict[str, Any], payload: bytes) -> torch.Tensor:
+    shape = entry["shape"]
+    rows = shape[0] if shape else 1
+    parts = []
+    for piece in entry["pieces"]:
+        block = payload[piece["offset"] : piece["offset"] + piece["nbytes"]]
+        lo, hi = piece["rows"]
+        count = (hi - lo) * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
+        if piece["kind"] == "fp32":
+            parts.append(torch.from_numpy(np.frombuffer(block, dtype=np.float32, count=count).copy()))
+        elif piece["kind"] == "codes":
+            codes = unpack_codes(block, piece["bits"], count)
+            start = piece["scale_offset"]
+            scales = torch.from_numpy(np.frombuffer(payload[start : start + 4 * piece["scale_count"]],
+                                                    dtype=np.float32).copy())
+            sub_shape = [hi - lo, *shape[1:]] if shape else []
+            alpha = scales.reshape([] if piece["scale_count"] == 1 else [hi - lo] + [1] * (len(shape) - 1))
+            parts.append(dequantize(codes.reshape(sub_shape), alpha).reshape(-1))
+        else:
+            raise ValueError(f"unknown piece kind {piece['kind']!r} in tensor {entry['name']}")
+    flat = torch.cat(parts) if parts else torch.zeros(0)
+    if flat.numel() != int(np.prod(shape)) or rows == 0 and shape:
+        raise ValueError(f"tensor {entry['name']} decodes to {flat.numel()} values, shape {shape} needs "
+                         f"{int(np.prod(shape))}")
+    return flat.reshape(shape)
+
+
+def load_packed(path: str | Path) -> tuple[nn.Module, PrecisionMap]:
+    """Rebuild the runnable mpnas model stored in a packed file, and its precision map."""
+    header, state = read_packed(path)
+    config = dict(header["model"])
+    try:
+        model = build_model(config.pop("type"), **config)
+        model.load_state_dict(state)
+        precision = PrecisionMap.from_dict(header["precision"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise PackedFileError(f"{path}: header does not describe a loadable mpnas model ({exc})") from exc
+    return model, precision

@@ -1,0 +1,371 @@
+"""Weight clusters of a model, and the precision map that gives each cluster a bit width.
+
+A *cluster* is the unit that shares one bit width (and, at ``"matrix"`` granularity, one scale):
+a whole ``nn.Linear`` / ``nn.Embedding`` weight, one gate's rows of a fused ``nn.LSTM`` /
+``nn.GRU`` matrix, or one of q/k/v of a packed ``nn.MultiheadAttention`` projection. Everything
+else (biases, LayerNorm, buffers, other layer types) stays in full precision: the "FP leftovers".
+
+A :class:`PrecisionMap` is an immutable, hashable value ``{cluster: bits}`` plus a granularity, a
+format version and free-form ``meta`` evidence; it round-trips YAML and JSON exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.nn.utils import parametrize
+
+from search_spaces.atomic import atomic_write_text
+from search_spaces.models.lstm_lm import GATES
+from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
+
+FORMAT_VERSION = 1  # bump when the file layout changes; older files must stay loadable
+# Row blocks of torch's fused recurrent weights, in torch's row order. Plain RNNs have one block.
+_RNN_GATES = {"LSTM": GATES, "GRU": ("reset_gate", "update_gate", "new_gate")}
+_KEYS = ("version", "granularity", "bits", "meta")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """One quantization cluster: rows ``rows`` (None = all) of parameter ``param`` of ``module``."""
+
+    name: str  # the key in a PrecisionMap
+    module: str  # fully qualified name of the module that owns the parameter
+    param: str  # attribute name on that module: "weight", "weight_ih_l0", "in_proj_weight"
+    rows: tuple[int, int] | None  # [start, stop) row slice of the parameter, None = whole tensor
+    shape: tuple[int, ...]  # shape of the cluster itself (the slice, not the whole parameter)
+
+    @property
+    def numel(self) -> int:
+        """Number of weights in the cluster."""
+        return math.prod(self.shape)
+
+
+def _module_clusters(module: nn.Module) -> Iterator[tuple[str, str, tuple[int, int] | None]]:
+    """``(name suffix, parameter name, rows)`` of every cluster owned by ``module`` itself."""
+    if isinstance(module, nn.Linear | nn.Embedding):
+        yield "", "weight", None
+    elif isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:  # one packed [3E, E] matrix: q, k, v are row blocks
+            e = module.embed_dim
+            for i, part in enumerate("qkv"):
+                yield f"in_proj.{part}", "in_proj_weight", (i * e, (i + 1) * e)
+        else:
+            for part in "qkv":
+                yield f"{part}_proj_weight", f"{part}_proj_weight", None
+    elif isinstance(module, nn.RNNBase):
+        gates = _RNN_GATES.get(module.mode, ())
+        h = module.hidden_size
+        for pname in module._flat_weights_names:
+            if not pname.startswith("weight_"):
+                continue  # biases stay FP
+            if gates and pname.startswith(("weight_ih", "weight_hh")):
+                for i, gate in enumerate(gates):
+                    yield f"{pname}.{gate}", pname, (i * h, (i + 1) * h)
+            else:  # plain RNN matrices and the LSTM projection weight_hr_l{k}
+                yield pname, pname, None
+
+
+def _latent_parameter(module: nn.Module, param: str) -> torch.Tensor:
+    """The stored tensor behind ``module.<param>``: the latent weight when fake-quantized."""
+    if parametrize.is_parametrized(module, param):
+        plist = module.parametrizations[param]
+        # Only our own fake quantization keeps ``original`` equal to the weight's meaning;
+        # quantizing the latent of e.g. an orthogonal or weight-norm parametrization is wrong.
+        if not all(getattr(p, "is_mpnas_fake_quantize", False) for p in plist):
+            raise ValueError(f"{type(module).__name__}.{param} carries a parametrization that is not mpnas fake "
+                             "quantization; remove it before quantizing")
+        return plist.original
+    return getattr(module, param)
+
+
+def find_clusters(model: nn.Module) -> dict[str, Cluster]:
+    """Every quantization cluster of ``model``, in ``named_modules`` order.
+
+    Names: the module's FQN for ``nn.Linear`` / ``nn.Embedding`` (``"weight"`` for a bare root
+    module); ``{M}.weight_ih_l{k}.{gate}`` / ``{M}.weight_hh_l{k}.{gate}`` for torch's ``nn.LSTM``
+    (gates input_gate, forget_gate, cell_gate, output_gate) and ``nn.GRU`` (reset_gate,
+    update_gate, new_gate), ``{M}.weight_hh_l{k}`` for a plain ``nn.RNN``; ``{M}.in_proj.{q,k,v}``
+    for a packed ``nn.MultiheadAttention`` (``{M}.q_proj_weight`` etc. when unpacked). A parameter
+    shared by several modules (tied embedding and softmax) is one cluster, under its first owner.
+    Fake-quantized models give the same clusters as before (see ``search_spaces.apply``).
+    """
+    clusters: dict[str, Cluster] = {}
+    owner: dict[int, str] = {}  # id(parameter) -> FQN of the module that claimed it first
+    for fqn, module in model.named_modules():
+        for suffix, pname, rows in _module_clusters(module):
+            tensor = _latent_parameter(module, pname)
+            if isinstance(tensor, nn.parameter.UninitializedParameter):
+                raise ValueError(f"{fqn or type(module).__name__}.{pname} is not initialized yet (a lazy "
+                                 "module); run one forward pass before looking for clusters")
+            if owner.setdefault(id(tensor), fqn) != fqn:
+                continue  # tied: already a cluster of an earlier module
+            name = ".".join(part for part in (fqn, suffix) if part) or pname
+            if name in clusters:
+                raise ValueError(f"two clusters are both named {name!r}; rename one of the modules")
+            shape = tuple(tensor.shape) if rows is None else (rows[1] - rows[0], *tensor.shape[1:])
+            clusters[name] = Cluster(name, fqn, pname, rows, shape)
+    return clusters
+
+
+def cluster_parameter(model: nn.Module, cluster: Cluster) -> torch.Tensor:
+    """The whole live parameter holding ``cluster`` (the latent weight if fake-quantized)."""
+    try:
+        module = model.get_submodule(cluster.module)
+    except AttributeError as exc:
+        raise ValueError(f"cluster {cluster.name!r}: model has no module {cluster.module!r}") from exc
+    try:
+        return _latent_parameter(module, cluster.param)
+    except AttributeError as exc:
+        raise ValueError(f"cluster {cluster.name!r}: module {cluster.module!r} has no {cluster.param!r}") from exc
+
+
+def cluster_weight(model: nn.Module, cluster: Cluster) -> torch.Tensor:
+    """A view of the live weights of ``cluster``: autograd and in-place writes reach the model.
+
+    For a whole-tensor cluster this is the parameter itself; for a row slice, ``param[a:b]``.
+    On a fake-quantized model it is (a view of) the trainable latent FP weight.
+    """
+    tensor = cluster_parameter(model, cluster)
+    view = tensor if cluster.rows is None else tensor[cluster.rows[0]:cluster.rows[1]]
+    if tuple(view.shape) != cluster.shape:
+        raise ValueError(f"cluster {cluster.name!r} has shape {cluster.shape}, but the model's weight has "
+                         f"{tuple(view.shape)}; was the model changed after find_clusters?")
+    return view
+
+
+class _FrozenMap(Mapping[str, Any]):
+    """A read-only, hashable dict (hash ignores order, like Mapping equality)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+def _freeze(value: Any, key: str) -> Any:
+    """A deep read-only copy of YAML/JSON-storable ``value``; ValueError names the bad ``key``."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):  # numpy scores and counts become plain Python numbers
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Mapping):
+        for k in value:
+            if not isinstance(k, str):  # JSON would turn it into a string: no exact round trip
+                raise ValueError(f"key {key!r}: keys must be strings, got {k!r}")
+        return _FrozenMap({k: _freeze(v, f"{key}.{k}") for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v, f"{key}[{i}]") for i, v in enumerate(value))
+    raise ValueError(f"key {key!r}: {type(value).__name__} cannot be stored in YAML/JSON; use str, int, "
+                     "float, bool, None, lists or string-keyed dicts")
+
+
+def _thaw(value: Any) -> Any:
+    """Plain dicts and lists again, for YAML/JSON."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool):  # scalars; unhashable keys fail in super()
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class PrecisionMap:
+    """Bit width per cluster; immutable, hashable, versioned; round-trips YAML and JSON.
+
+    ``bits`` is always per cluster (32 = keep full precision). ``granularity`` only chooses the
+    scales: ``"matrix"`` gives one alpha per cluster, ``"row"`` one alpha per row of the cluster
+    (node level: an output unit of a Linear, a word of an Embedding). ``meta`` is free-form
+    evidence (strategy, seed, budget, scores) made of str/int/float/bool/None, lists and
+    string-keyed dicts. Bit values are range-checked by :meth:`validate`, not here, so that one
+    error can list every problem of a hand-edited file at once.
+    """
+
+    bits: Mapping[str, int]
+    granularity: str = "matrix"
+    version: int = FORMAT_VERSION
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, Mapping):
+            raise ValueError(f"key 'bits' must be a mapping of cluster name to bit width, "
+                             f"got {type(self.bits).__name__}")
+        frozen: dict[str, int] = {}
+        for name, b in self.bits.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"key 'bits': cluster names must be non-empty strings, got {name!r}")
+            if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+                raise ValueError(f"key 'bits.{name}' must be an int bit width, got {b!r} ({type(b).__name__})")
+            frozen[name] = int(b)
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"key 'granularity' is {self.granularity!r}; expected one of {GRANULARITIES}")
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise ValueError(f"key 'version' must be an int >= 1, got {self.version!r}")
+        if self.version > FORMAT_VERSION:
+            raise ValueError(f"key 'version' is {self.version}, newer than this mpnas reads "
+                             f"({FORMAT_VERSION}); upgrade mpnas")
+        if not isinstance(self.meta, Mapping):
+            raise ValueError(f"key 'meta' must be a mapping, got {type(self.meta).__name__}")
+        object.__setattr__(self, "bits", _FrozenMap(frozen))
+        object.__setattr__(self, "meta", _freeze(self.meta, "meta"))
+
+    @classmethod
+    def uniform(cls, model: nn.Module, bits: int, granularity: str = "matrix",
+                keep_fp: str | tuple[str, ...] | list[str] = ()) -> PrecisionMap:
+        """Every cluster of ``model`` at ``bits``, except those matching ``keep_fp`` (kept at 32).
+
+        ``keep_fp`` holds exact cluster names or ``fnmatch`` patterns (``*`` also matches dots);
+        a pattern that matches no cluster raises ValueError (it is almost always a typo).
+        """
+        if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
+        patterns = (keep_fp,) if isinstance(keep_fp, str) else tuple(keep_fp)
+        names = list(find_clusters(model))
+        unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
+        if unmatched:
+            raise ValueError(f"keep_fp patterns match no cluster: {unmatched}; clusters are {names}")
+        table = {n: FULL_PRECISION if any(fnmatchcase(n, p) for p in patterns) else int(bits) for n in names}
+        return cls(table, granularity, meta={"strategy": "uniform"})
+
+    def validate(self, model: nn.Module) -> None:
+        """Raise one ValueError listing every unknown cluster, missing cluster and invalid bit width."""
+        clusters = find_clusters(model)
+        unknown = [n for n in self.bits if n not in clusters]
+        missing = [n for n in clusters if n not in self.bits]
+        invalid = [f"{n}={b}" for n, b in self.bits.items() if b not in SUPPORTED_BITS]
+        problems = []
+        if unknown:
+            problems.append(f"  unknown clusters (not in the model): {', '.join(unknown)}")
+        if missing:
+            problems.append(f"  missing clusters (in the model, not in the map): {', '.join(missing)}")
+        if invalid:
+            problems.append(f"  invalid bit widths (expected one of {SUPPORTED_BITS}): {', '.join(invalid)}")
+        if problems:
+            raise ValueError("precision map does not match the model:\n" + "\n".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (bits in map order) that :meth:`from_dict` reads back to an equal map."""
+        return {"version": self.version, "granularity": self.granularity,
+                "bits": dict(self.bits), "meta": _thaw(self.meta)}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> PrecisionMap:
+        """Build from :meth:`to_dict` output; ValueError names ``source`` and the offending key."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: a precision map must be a mapping, got {type(data).__name__}")
+        # The version first: a newer file may legitimately have keys this version does not know.
+        if "version" not in data:
+            raise ValueError(f"{source}: missing key 'version'")
+        version = data["version"]
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise ValueError(f"{source}: key 'version' is {version}, newer than this mpnas reads "
+                             f"({FORMAT_VERSION}); upgrade mpnas")
+        unknown = [k for k in data if k not in _KEYS]
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; expected {list(_KEYS)}")
+        if "bits" not in data:
+            raise ValueError(f"{source}: missing key 'bits'")
+        meta = data.get("meta", {})
+        try:
+            return cls(data["bits"], data.get("granularity", "matrix"), version, {} if meta is None else meta)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from exc
+
+    def to_yaml(self) -> str:
+        """YAML text (bits in map order, i.e. model order for maps built from a model)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "<yaml>") -> PrecisionMap:
+        """Parse :meth:`to_yaml` output; duplicate keys are an error."""
+        try:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{source}: not valid YAML ({exc})") from exc
+        return cls.from_dict(data, source)
+
+    def to_json(self) -> str:
+        """Indented JSON text."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<json>") -> PrecisionMap:
+        """Parse :meth:`to_json` output; duplicate keys are an error."""
+        try:
+            data = json.loads(text, object_pairs_hook=_unique_pairs)
+        except ValueError as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{source}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, source)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically as YAML (``.yaml``/``.yml``) or JSON (``.json``), chosen by suffix."""
+        path = Path(path)
+        atomic_write_text(path, self.to_json() if _format_of(path) == "json" else self.to_yaml())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> PrecisionMap:
+        """Read a file written by :meth:`save`; errors name the file."""
+        path = Path(path)
+        fmt = _format_of(path)
+        text = path.read_text(encoding="utf-8")
+        return cls.from_json(text, str(path)) if fmt == "json" else cls.from_yaml(text, str(path))
+
+
+def _format_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    if suffix == ".json":
+        return "json"
+    raise ValueError(f"{path}: unknown precision map format {suffix!r}; expected .yaml, .yml or .json")
