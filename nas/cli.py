@@ -11,6 +11,7 @@ import torch
 
 from nas.config import ConfigError, load_config
 from nas.data import DataError, load_corpus, resolve_data_dir
+from nas.nbest_cli import add_nbest_arguments
 from nas.train import TrainingDivergedError
 
 
@@ -66,6 +67,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     path = Path(args.model)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint or packed file")
+    if args.nbest:
+        from nas.nbest_cli import run_nbest
+
+        return run_nbest(args, _load_any_model)
     model, size, vocab = _load_any_model(path)
     corpus = load_corpus(resolve_data_dir(args.data))
     if vocab is not None and vocab != corpus.vocab.words:
@@ -164,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", nargs="+", default=["valid", "test"], choices=["train", "valid", "test"])
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--json", action="store_true", help="also print the numbers as JSON")
+    add_nbest_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -1,4 +1,4 @@
-"""Experiment files: one YAML per experiment with ``model``, ``data``, ``train``, ``retrain`` sections.
+"""Experiment files: one YAML per experiment, sections ``model data train retrain space budget search``.
 
 Every key is checked: an unknown key or a value of the wrong type is a
 :class:`ConfigError` naming the file and the dotted key.
@@ -89,6 +89,40 @@ class RetrainSection(TrainSection):
 
 
 @dataclass
+class SearchSection:
+    """How a precision map is searched (``mpnas search``); see nas/strategies.py."""
+
+    strategy: str = "gumbel"  # gumbel | kl | hessian | uniform | random
+    seed: int = 0
+    # gumbel (nas/gumbel.py): supernet training
+    epochs: float = 1.0
+    weight_lr: float = 0.05
+    arch_lr: float = 0.01
+    lambda_lr: float = 0.01
+    lambda_kp: float = 10.0
+    tau_start: float = 5.0
+    tau_end: float = 0.5
+    bilevel: bool = True
+    arch_fraction: float = 0.1
+    rescale_every: int = 50
+    # kl: tokens of the held-out slice (the start of the valid split)
+    kl_tokens: int = 10000
+    # hessian: batches of the loss, probe type, stopping rule
+    hessian_batches: int = 4
+    hessian_probes: str = "rademacher"
+    hessian_max_iters: int = 100
+    hessian_tol: float = 0.01
+    hessian_per_weight: bool = False
+
+    def __post_init__(self) -> None:
+        strategies = ("gumbel", "kl", "hessian", "uniform", "random")
+        if self.strategy not in strategies:
+            raise ValueError(f"strategy must be one of {strategies}, got {self.strategy!r}")
+        if self.hessian_probes not in ("rademacher", "gaussian"):
+            raise ValueError(f"hessian_probes must be 'rademacher' or 'gaussian', got {self.hessian_probes!r}")
+
+
+@dataclass
 class ExperimentConfig:
     """A parsed experiment file."""
 
@@ -96,6 +130,9 @@ class ExperimentConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     retrain: RetrainSection = field(default_factory=RetrainSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    space: dict[str, Any] | None = None  # validated against the model by search_spaces.space
+    budget: dict[str, Any] | None = None
     source: str = "<memory>"
 
     @property
@@ -108,7 +145,8 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (the YAML it came from, with defaults filled in)."""
         return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
-                "train": dataclasses.asdict(self.train), "retrain": dataclasses.asdict(self.retrain)}
+                "train": dataclasses.asdict(self.train), "retrain": dataclasses.asdict(self.retrain),
+                "search": dataclasses.asdict(self.search), "space": self.space, "budget": self.budget}
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -156,8 +194,9 @@ def _build_section(cls: type, raw: Any, source: str, section: str) -> Any:
 def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
     """Validate a loaded YAML document into an :class:`ExperimentConfig`."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with sections model, data, train, retrain")
-    sections = {"model", "data", "train", "retrain"}
+        raise ConfigError(f"{source}: expected a mapping with sections model, data, train, retrain, space, "
+                          "budget, search")
+    sections = {"model", "data", "train", "retrain", "space", "budget", "search"}
     for key in raw:
         if key not in sections:
             raise ConfigError(f"{source}: unknown section '{key}' (expected {', '.join(sorted(sections))})")
@@ -172,6 +211,10 @@ def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
     data = _build_section(DataSection, raw.get("data"), source, "data")
     train = _build_section(TrainSection, raw.get("train"), source, "train")
     retrain = _build_section(RetrainSection, raw.get("retrain"), source, "retrain")
+    search = _build_section(SearchSection, raw.get("search"), source, "search")
+    for key in ("space", "budget"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{source}: section '{key}' must be a mapping, got {type(raw[key]).__name__}")
     positive = {"data.batch_size": data.batch_size, "data.bptt": data.bptt, "data.context": data.context,
                 "data.eval_batch_size": data.eval_batch_size, "data.eval_stride": data.eval_stride,
                 "train.epochs": train.epochs, "train.log_interval": train.log_interval}
@@ -181,7 +224,8 @@ def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
     if model["type"] == "transformer" and data.context > model_dict["context"]:
         raise ConfigError(f"{source}: 'data.context' = {data.context} exceeds 'model.context' = "
                           f"{model_dict['context']}")
-    return ExperimentConfig(model=model_dict, data=data, train=train, retrain=retrain, source=source)
+    return ExperimentConfig(model=model_dict, data=data, train=train, retrain=retrain, search=search,
+                            space=raw.get("space"), budget=raw.get("budget"), source=source)
 
 
 def resolve_config_path(name: str | Path) -> Path:

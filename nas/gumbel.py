@@ -1,0 +1,271 @@
+"""Differentiable mixed-precision search: a Gumbel-softmax supernet (EdMIPS-style).
+
+Every searchable cluster keeps its one full-precision latent weight ``W`` and logits ``a``
+over its candidate bit-widths ``B``. The layer runs on the composite weight
+
+    W_mix = sum_b pi_b * Q_b(W),   pi = gumbel_softmax(a, tau)
+
+and then ONE matmul, so a step costs about one forward pass, not |B| of them. ``Q_b`` is the
+straight-through quantizer, so ``W`` keeps learning while ``a`` learns which bit-width costs
+least. The composite weights reach the unmodified model through ``torch.func.functional_call``
+(tied embedding/softmax weights stay tied).
+
+Size term: the expected weight bits ``E = sum_c numel_c * sum_b softmax(a_c / tau)_b * b`` is driven
+to the budget's ``max_weight_bits`` (the budget is meant to be spent: bits left unused are
+accuracy left on the table). A Lagrange multiplier ``lam`` follows dual ascent on the
+equality ``E / cap = 1``: ``lam <- lam + lambda_lr * (E / cap - 1)``; it grows while the
+supernet is too big and turns negative (rewarding bits) while it is too small, so no per-model
+penalty weight needs hand tuning. The multiplier applied is ``lam + lambda_kp * (E / cap - 1)``
+(a PI controller): with Adam on the logits only the sign of the size force matters once the
+cross-entropy signal is weak, and the integral term alone overshoots and oscillates around the
+budget; the proportional term flips the force as soon as the budget is crossed.
+
+Export: the argmax map when it meets the budget; otherwise the repair step picks the map of
+highest probability that meets it, exactly (multiple-choice knapsack on ``-log softmax(a)``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from tqdm import tqdm
+
+from nas.data import stream_batches, window_batches
+from search_spaces.precision import Cluster, PrecisionMap, find_clusters
+from search_spaces.quant import FULL_PRECISION, fake_quantize, solve_scale
+
+
+@dataclass(frozen=True)
+class GumbelSettings:
+    """Knobs of the supernet search (the ``search`` section of an experiment file)."""
+
+    epochs: float = 1.0  # passes over the weight-training part of the train split
+    weight_lr: float = 0.05  # SGD on the latent weights
+    arch_lr: float = 0.01  # Adam on the logits
+    lambda_lr: float = 0.01  # integral (dual ascent) step of the size multiplier
+    lambda_kp: float = 10.0  # proportional gain: reacts at once when the size crosses the budget
+    tau_start: float = 5.0
+    tau_end: float = 0.5
+    bilevel: bool = True  # logits on held-out batches (first-order DARTS); False: joint steps
+    arch_fraction: float = 0.1  # tail of the train split held out for the logits
+    rescale_every: int = 50  # steps between scale re-solves
+    clip: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.tau_end <= self.tau_start:
+            raise ValueError(f"need 0 < tau_end <= tau_start, got tau_start={self.tau_start}, tau_end={self.tau_end}")
+        if not 0 < self.arch_fraction < 1:
+            raise ValueError(f"arch_fraction must be in (0, 1), got {self.arch_fraction}")
+        if self.epochs <= 0 or self.rescale_every < 1:
+            raise ValueError(f"need epochs > 0 and rescale_every >= 1, got {self.epochs}, {self.rescale_every}")
+
+
+def _param_key(cluster: Cluster) -> str:
+    return f"{cluster.module}.{cluster.param}" if cluster.module else cluster.param
+
+
+class GumbelSupernet(nn.Module):
+    """Logits over candidate bits for every cluster of ``model``; mixes weights on demand."""
+
+    def __init__(self, model: nn.Module, candidates: Mapping[str, tuple[int, ...]], granularity: str = "matrix"
+                 ) -> None:
+        super().__init__()
+        self.model = model
+        self.granularity = granularity
+        clusters = find_clusters(model)
+        unknown = sorted(set(candidates) - set(clusters))
+        if unknown:
+            raise ValueError(f"candidates name clusters the model does not have: {unknown}")
+        self.clusters = {name: clusters[name] for name in clusters if name in candidates}
+        for name, cluster in self.clusters.items():
+            if cluster.rows is not None:
+                raise ValueError(f"cluster {name} is a row slice of {_param_key(cluster)}; the supernet needs "
+                                 "whole-tensor clusters (convert torch's nn.LSTM with from_torch_lstm)")
+        self.candidates = {name: tuple(sorted(candidates[name])) for name in self.clusters}
+        # ParameterDict keys may not contain dots.
+        self.logits = nn.ParameterDict({self._key(n): nn.Parameter(torch.zeros(len(b)))
+                                        for n, b in self.candidates.items() if len(b) > 1})
+        self.alpha: dict[tuple[str, int], torch.Tensor] = {}
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The logits (what the architecture optimizer updates)."""
+        return list(self.logits.values())
+
+    def _weight(self, name: str) -> torch.Tensor:
+        cluster = self.clusters[name]
+        return self.model.get_submodule(cluster.module).get_parameter(cluster.param)
+
+    @torch.no_grad()
+    def refresh_scales(self) -> None:
+        """Re-solve the closed-form scale of every (cluster, candidate) pair."""
+        for name, bits_list in self.candidates.items():
+            weight = self._weight(name)
+            for bits in bits_list:
+                if bits < FULL_PRECISION:
+                    self.alpha[(name, bits)] = solve_scale(weight, bits, self.granularity)
+
+    def probabilities(self) -> dict[str, dict[int, float]]:
+        """softmax(logits) per cluster (no noise)."""
+        out = {}
+        for name, bits_list in self.candidates.items():
+            if len(bits_list) == 1:
+                out[name] = {bits_list[0]: 1.0}
+            else:
+                probs = self.logits[self._key(name)].detach().softmax(0).tolist()
+                out[name] = dict(zip(bits_list, probs, strict=True))
+        return out
+
+    def mixed_weights(self, tau: float, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
+        """``W_mix`` for every cluster; Gumbel noise from ``generator`` (None: plain softmax)."""
+        if not self.alpha:
+            self.refresh_scales()
+        mixed = {}
+        for name, bits_list in self.candidates.items():
+            weight = self._weight(name)
+            quantized = [weight if b == FULL_PRECISION else fake_quantize(weight, b, alpha=self.alpha[(name, b)])
+                         for b in bits_list]
+            if len(bits_list) == 1:
+                mixed[_param_key(self.clusters[name])] = quantized[0]
+                continue
+            logits = self.logits[self._key(name)]
+            if generator is not None:
+                uniform = torch.rand(logits.shape, generator=generator).clamp_(1e-10, 1 - 1e-10).to(logits.device)
+                logits = logits - torch.log(-torch.log(uniform))
+            pi = F.softmax(logits / tau, dim=0)
+            mixed[_param_key(self.clusters[name])] = sum(p * q for p, q in zip(pi, quantized, strict=True))
+        return mixed
+
+    def expected_weight_bits(self, tau: float = 1.0) -> torch.Tensor:
+        """``sum_c numel_c * E_softmax(a_c / tau)[bits]`` (differentiable in the logits).
+
+        Taken at the annealed temperature: as tau falls the expectation approaches the bits of
+        the argmax map, so the budget constrains the map that is finally exported.
+        """
+        total = torch.zeros(())
+        for name, bits_list in self.candidates.items():
+            numel = self.clusters[name].numel
+            if len(bits_list) == 1:
+                total = total + numel * bits_list[0]
+            else:
+                logits = self.logits[self._key(name)]
+                bits = torch.tensor(bits_list, dtype=logits.dtype, device=logits.device)
+                total = total.to(logits.device) + numel * ((logits / tau).softmax(0) * bits).sum()
+        return total
+
+    def forward(self, tokens: torch.Tensor, state: object = None, targets: torch.Tensor | None = None, *,
+                tau: float = 1.0, generator: torch.Generator | None = None) -> Any:
+        """The wrapped model's forward on the composite weights."""
+        return functional_call(self.model, self.mixed_weights(tau, generator), (tokens, state, targets))
+
+    def export(self, max_weight_bits: float | None) -> tuple[dict[str, int], bool]:
+        """Argmax bits per cluster, repaired to meet ``max_weight_bits``; returns (bits, repaired)."""
+        probs = self.probabilities()
+        chosen = {name: max(p, key=lambda b: (p[b], -b)) for name, p in probs.items()}
+        sizes = {name: self.clusters[name].numel for name in chosen}
+        if max_weight_bits is None or sum(chosen[n] * sizes[n] for n in chosen) <= max_weight_bits:
+            return chosen, False
+        from nas.allocate import allocate  # the repair path only
+
+        scores = {name: {b: -math.log(max(pb, 1e-12)) for b, pb in p.items()} for name, p in probs.items()}
+        return allocate(scores, sizes, max_weight_bits), True
+
+
+def _lm_batches(model: nn.Module, stream: torch.Tensor, batch_size: int, length: int, generator: torch.Generator
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches: contiguous stream chunks for LSTMs, shuffled windows for Transformers."""
+    while True:
+        if hasattr(model, "init_state"):
+            rows = stream_batches(stream, batch_size, length)
+            for begin in range(0, rows.size(1) - 1, length):
+                end = min(begin + length, rows.size(1) - 1)
+                yield rows[:, begin:end], rows[:, begin + 1 : end + 1]
+        else:
+            yield from window_batches(stream, length, batch_size, generator)
+
+
+def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], train_tokens: torch.Tensor, *,
+                  max_weight_bits: float | None, settings: GumbelSettings, batch_size: int, length: int,
+                  granularity: str = "matrix", device: torch.device | str = "cpu", progress: bool = False
+                  ) -> PrecisionMap:
+    """Run the supernet search on ``train_tokens``; returns the exported map with its evidence.
+
+    ``length`` is the BPTT length (LSTM) or context (Transformer). ``model`` is trained in place
+    (its weights adapt to quantization during the search); pass a copy to keep the FP model.
+    """
+    start_time = time.perf_counter()
+    device = torch.device(device)
+    model.to(device).train()
+    net = GumbelSupernet(model, candidates, granularity).to(device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    split = int(train_tokens.numel() * (1 - settings.arch_fraction))
+    weight_data = _lm_batches(model, train_tokens[:split], batch_size, length, generator)
+    arch_data = _lm_batches(model, train_tokens[split:], batch_size, length, generator)
+    steps_per_epoch = max(1, split // (batch_size * length))
+    total_steps = max(1, int(settings.epochs * steps_per_epoch))
+    w_opt = torch.optim.SGD(model.parameters(), lr=settings.weight_lr)
+    a_opt = torch.optim.Adam(net.arch_parameters(), lr=settings.arch_lr)
+    recurrent = hasattr(model, "init_state")
+    states: dict[str, Any] = {"w": None, "a": None}
+    lam, history, tokens_seen = 0.0, [], 0
+    cap = max_weight_bits
+    bar = tqdm(range(total_steps), disable=not progress, desc="gumbel search", dynamic_ncols=True)
+    for step in bar:
+        tau = settings.tau_start * (settings.tau_end / settings.tau_start) ** (step / max(1, total_steps - 1))
+        if step % settings.rescale_every == 0:
+            net.refresh_scales()
+        phases = ("w", "a") if settings.bilevel else ("joint",)
+        for phase in phases:
+            source = arch_data if phase == "a" else weight_data
+            inputs, targets = (t.to(device) for t in next(source))
+            state_key = "a" if phase == "a" else "w"
+            out = net(inputs, states[state_key], targets, tau=tau, generator=generator)
+            loss = out.loss * inputs.size(1)  # summed over time, as in the FP recipe
+            size_excess = None
+            if phase != "w" and cap is not None:
+                size_excess = net.expected_weight_bits(tau) / cap - 1.0
+                multiplier = lam + settings.lambda_kp * float(size_excess.detach())
+                loss = loss + multiplier * size_excess * inputs.size(1)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"gumbel search diverged at step {step}: loss={float(loss)} (tau={tau:.3g}, "
+                                         f"lambda={lam:.3g}); lower search.weight_lr or search.arch_lr")
+            w_opt.zero_grad(set_to_none=True)
+            a_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if phase != "a":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
+                w_opt.step()
+            if phase != "w":
+                a_opt.step()
+                if size_excess is not None:
+                    lam = lam + settings.lambda_lr * float(size_excess.detach())
+            if recurrent:
+                states[state_key] = model.detach_state(out.state)
+            tokens_seen += inputs.numel()
+        if step % max(1, steps_per_epoch // 10) == 0 or step == total_steps - 1:
+            expected = float(net.expected_weight_bits(tau))
+            history.append({"step": step, "tau": tau, "lambda": lam, "expected_weight_bits": expected,
+                            "probabilities": net.probabilities()})
+            bar.set_postfix(tau=f"{tau:.2f}", lam=f"{lam:.3g}",
+                            budget=f"{expected / cap:.3f}" if cap else "n/a", loss=f"{float(out.loss):.3f}")
+    bits, repaired = net.export(cap)
+    seconds = time.perf_counter() - start_time
+    meta = {"strategy": "gumbel", "seed": settings.seed, "max_weight_bits": cap, "repaired": repaired,
+            "probabilities": {n: {str(b): p for b, p in d.items()} for n, d in net.probabilities().items()},
+            "history": [{**h, "probabilities": {n: {str(b): p for b, p in d.items()}
+                                                 for n, d in h["probabilities"].items()}} for h in history],
+            "wall_s": seconds, "search_fp_epochs": tokens_seen / max(1, train_tokens.numel()),
+            "settings": settings.__dict__}
+    return PrecisionMap({**bits}, granularity=granularity, meta=meta)

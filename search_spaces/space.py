@@ -1,0 +1,397 @@
+"""The ``space`` and ``budget`` sections of an experiment file, resolved against a real model.
+
+Example::
+
+    space:
+      bits: [1, 2, 4, 8]          # default candidates for every cluster (this is the default)
+      granularity: matrix         # matrix | row: one alpha per cluster or per row; bits are per cluster
+      min_bits: 1                 # floor applied to every cluster's candidates, overrides included
+      keep_fp: [pos_embedding]    # names or glob patterns kept at 32 bits
+      overrides:                  # ordered list
+        - {match: "embedding", bits: [2, 4, 8]}
+        - {match: "layers.*.forget_gate.*", bits: [4, 8]}
+    budget: {avg_bits: 2.0}       # exactly one of avg_bits | size_mb | compression
+
+Resolution rules, per cluster of ``find_clusters(model)``:
+
+1. ``keep_fp`` wins over everything: the cluster's only candidate is 32.
+2. Else an override whose ``match`` is the exact cluster name (a string without ``*?[``).
+3. Else the first override whose glob pattern matches (``fnmatch``: ``*`` also crosses dots).
+4. Else ``space.bits``. Then candidates below ``min_bits`` are dropped.
+
+Mistakes raise :class:`SpaceError` naming the file and dotted key: unknown keys, wrong types,
+a name or pattern that matches no cluster, an override that never applies (shadowed), a bit
+width the quantizer cannot do, no candidate left after ``min_bits``, a bad or infeasible budget.
+
+Budget accounting (the same as :func:`evaluators.size.model_size`, which the tests check):
+
+- ``avg_bits``: the average over ALL clusters weighted by numel, clusters kept at 32 bits
+  counting 32 (``model_size``'s ``avg_bits``); FP leftovers (biases, norms) are not in it.
+- ``size_mb``: theoretical bytes, 1 MB = 10^6 bytes (as the CLI prints sizes).
+- ``compression``: FP32 bytes of the whole model / theoretical bytes.
+
+All three become :meth:`Budget.max_weight_bits`, the largest allowed ``sum(bits * numel)`` over
+the *searchable* clusters (all but those pinned at 32 bits), which :func:`nas.allocate.allocate`
+takes. Byte budgets first subtract the fixed costs: FP leftovers and pinned clusters (4 bytes an
+element) and the scales of searchable clusters (4 bytes each, one per cluster or row). A cluster
+that may pick 32 is charged its scales anyway: the bound is then conservative by those bytes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from types import MappingProxyType
+from typing import Any
+
+from torch import nn
+
+from search_spaces.precision import PrecisionMap, find_clusters
+from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
+
+DEFAULT_BITS = (1, 2, 4, 8)
+BUDGET_KINDS = ("avg_bits", "size_mb", "compression")
+BYTES_PER_MB = 1_000_000
+_SPACE_KEYS = ("bits", "granularity", "min_bits", "keep_fp", "overrides")
+_OVERRIDE_KEYS = ("match", "bits")
+# Budgets arrive as floats (2.0 * numel, bytes / compression); weight-bit costs are integers, so
+# the bound is floored, forgiving float noise of this relative size first.
+_REL_TOL = 1e-12
+FP32_BYTES = 4  # per FP32 element and per scale, as in evaluators.size
+
+
+def _model_size(model: nn.Module, precision_map: PrecisionMap) -> dict[str, float]:
+    # Imported here, not at the top: evaluators depend on search_spaces, not the reverse, and a
+    # top-level import would become a cycle as soon as search_spaces/__init__ imports this module.
+    from evaluators.size import model_size
+
+    return model_size(model, precision_map)
+
+
+class SpaceError(ValueError):
+    """A ``space`` / ``budget`` section is malformed; the message names the file and key."""
+
+
+def _err(source: str, key: str, message: str) -> SpaceError:
+    return SpaceError(f"{source}: {key}: {message}")
+
+
+def _is_pattern(text: str) -> bool:
+    return any(c in text for c in "*?[")
+
+
+def _hits(text: Any, names: list[str], source: str, key: str) -> list[str]:
+    """Clusters that the name or glob pattern ``text`` selects; SpaceError if none (almost always a typo)."""
+    if not isinstance(text, str) or not text:
+        raise _err(source, key, f"expected a cluster name or glob pattern, got {text!r}")
+    hits = [n for n in names if fnmatchcase(n, text)] if _is_pattern(text) else [n for n in names if n == text]
+    if not hits:
+        close = difflib.get_close_matches(text, names, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"clusters are {', '.join(names[:8])}" + (
+            ", ..." if len(names) > 8 else "")
+        raise _err(source, key, f"{text!r} matches no cluster; {hint}")
+    return hits
+
+
+def _list(value: Any, source: str, key: str, what: str) -> list[Any]:
+    if not isinstance(value, list | tuple):
+        raise _err(source, key, f"expected a list of {what}, got {value!r}")
+    return list(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _bits_list(value: Any, source: str, key: str) -> tuple[int, ...]:
+    """A non-empty list of supported bit widths -> sorted unique tuple."""
+    if not isinstance(value, list | tuple) or not value:
+        raise _err(source, key, f"expected a non-empty list of bit widths, got {value!r}")
+    for i, b in enumerate(value):
+        if not _is_int(b) or b not in SUPPORTED_BITS:
+            raise _err(source, f"{key}[{i}]", f"{b!r} is not a bit width the quantizer supports; "
+                       f"allowed: {list(SUPPORTED_BITS)}")
+    return tuple(sorted({int(b) for b in value}))
+
+
+def _mapping(value: Any, source: str, key: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _err(source, key, f"expected a mapping, got {type(value).__name__}")
+    for k in value:
+        if k not in allowed:
+            raise _err(source, f"{key}.{k}", f"unknown key (expected one of {', '.join(allowed)})")
+    return value
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A size budget: ``kind`` is one of :data:`BUDGET_KINDS`, ``value`` its positive amount."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise SpaceError(f"budget.{self.kind}: unknown kind (expected one of {', '.join(BUDGET_KINDS)})")
+        value = self.value
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+            raise SpaceError(f"budget.{self.kind}: expected a positive finite number, got {value!r}")
+        object.__setattr__(self, "value", float(self.value))
+
+    @classmethod
+    def from_config(cls, raw: Any, source: str = "<memory>") -> Budget | None:
+        """Parse ``{avg_bits: 2.0}`` (exactly one kind); None stays None."""
+        if raw is None:
+            return None
+        raw = _mapping(raw, source, "budget", BUDGET_KINDS)
+        if len(raw) != 1:
+            got = ", ".join(raw) or "none"
+            raise _err(source, "budget", f"give exactly one of {', '.join(BUDGET_KINDS)}; got {got}")
+        try:
+            return cls(*next(iter(raw.items())))
+        except SpaceError as exc:
+            raise SpaceError(f"{source}: {exc}") from None
+
+    def max_bytes(self, space: SearchSpace) -> float:
+        """The budget as theoretical bytes of the whole model (avg_bits: at the bound)."""
+        if self.kind == "size_mb":
+            return self.value * BYTES_PER_MB
+        if self.kind == "compression":
+            return space.fp32_bytes / self.value
+        return space.fixed_bytes + self.max_weight_bits(space) / 8
+
+    def max_weight_bits(self, space: SearchSpace) -> float:
+        """Largest allowed ``sum(bits * numel)`` over ``space.searchable`` (see module doc)."""
+        if self.kind == "avg_bits":
+            bound = self.value * space.total_params - FULL_PRECISION * space.pinned_params
+        else:
+            bound = 8 * (self.max_bytes(space) - space.fixed_bytes)
+        return float(math.floor(bound + _REL_TOL * abs(bound)))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Candidate bit widths per cluster, plus what is needed to turn budgets into weight bits.
+
+    ``candidates``: cluster -> ascending candidate bits (``(32,)`` for pinned FP clusters), in
+    model order. ``sizes``: cluster -> numel. ``scales``: cluster -> scales it stores when
+    quantized (1, or its rows at ``"row"`` granularity). ``leftover_params``: elements left in
+    FP32 outside every cluster. ``fp32_bytes``: the whole model in FP32. Build it with
+    :meth:`from_config`; the accounting fields are filled from the model there.
+    """
+
+    candidates: Mapping[str, tuple[int, ...]]
+    sizes: Mapping[str, int]
+    granularity: str = "matrix"
+    budget: Budget | None = None
+    source: str = "<memory>"
+    scales: Mapping[str, int] | None = None  # None: one per cluster (matrix granularity only)
+    leftover_params: int = 0
+    fp32_bytes: float | None = None  # None: 4 bytes per cluster weight and leftover element
+
+    def __post_init__(self) -> None:
+        bad = [n for n, c in self.candidates.items() if not c or list(c) != sorted(set(c) & set(SUPPORTED_BITS))]
+        if bad or set(self.candidates) != set(self.sizes):
+            raise _err(self.source, "space", f"clusters {bad} need ascending unique candidates from "
+                       f"{list(SUPPORTED_BITS)}, and sizes must name the same clusters as candidates")
+        if self.granularity not in GRANULARITIES or (self.scales is None and self.granularity != "matrix"):
+            raise _err(self.source, "space.granularity", f"{self.granularity!r}: expected one of "
+                       f"{list(GRANULARITIES)}; 'row' needs the rows of every cluster (scales)")
+        scales = self.scales if self.scales is not None else dict.fromkeys(self.sizes, 1)
+        total = sum(self.sizes.values()) + self.leftover_params
+        fp32 = float(FP32_BYTES * total) if self.fp32_bytes is None else float(self.fp32_bytes)
+        object.__setattr__(self, "candidates", MappingProxyType({k: tuple(v) for k, v in self.candidates.items()}))
+        object.__setattr__(self, "sizes", MappingProxyType({k: self.sizes[k] for k in self.candidates}))
+        object.__setattr__(self, "scales", MappingProxyType({k: scales[k] for k in self.candidates}))
+        object.__setattr__(self, "fp32_bytes", fp32)
+        if self.budget is not None:
+            self._check_feasible(self.budget)
+
+    def _check_feasible(self, budget: Budget) -> None:
+        smallest = self.smallest_map()
+        if self.weight_bits(smallest) <= budget.max_weight_bits(self):
+            return
+        nbytes, avg = self.theoretical_bytes(smallest), self.weight_bits(smallest) + FULL_PRECISION * self.pinned_params
+        unit = {"avg_bits": " bits", "size_mb": " MB", "compression": "x"}[budget.kind]
+        raise _err(self.source, f"budget.{budget.kind}", f"{budget.value:g}{unit} is infeasible: the smallest "
+                   f"reachable map (every cluster at its fewest bits) has {nbytes / BYTES_PER_MB:.6g} MB, average "
+                   f"{avg / self.total_params:.4g} bits, compression {self.fp32_bytes / nbytes:.4g}x")
+
+    @classmethod
+    def from_config(cls, space: Mapping[str, Any] | None, budget: Mapping[str, Any] | None, model: nn.Module,
+                    source: str = "<memory>") -> SearchSpace:
+        """Resolve the ``space`` and ``budget`` sections (either may be None) against ``model``."""
+        clusters = find_clusters(model)
+        names = list(clusters)
+        if not names:
+            raise _err(source, "space", f"the model ({type(model).__name__}) has no quantizable clusters")
+        raw = _mapping({} if space is None else space, source, "space", _SPACE_KEYS)
+        default = _bits_list(raw.get("bits", list(DEFAULT_BITS)), source, "space.bits")
+        granularity = raw.get("granularity", "matrix")
+        if granularity not in GRANULARITIES:
+            raise _err(source, "space.granularity", f"{granularity!r} is not one of {list(GRANULARITIES)}")
+        min_bits = raw.get("min_bits", 1)
+        if not _is_int(min_bits) or not 1 <= min_bits <= FULL_PRECISION:
+            raise _err(source, "space.min_bits", f"expected an int from 1 to {FULL_PRECISION}, got {min_bits!r}")
+
+        keep_fp = _list(raw.get("keep_fp", []), source, "space.keep_fp", "names or patterns")
+        pinned = {n for i, text in enumerate(keep_fp) for n in _hits(text, names, source, f"space.keep_fp[{i}]")}
+        exact: dict[str, int] = {}  # cluster name -> index of its exact-name override
+        rules: list[tuple[str, tuple[int, ...], list[str]]] = []  # (match, bits, clusters matched) per override
+        for i, entry in enumerate(_list(raw.get("overrides", []), source, "space.overrides", "{match, bits}")):
+            key = f"space.overrides[{i}]"
+            entry = _mapping(entry, source, key, _OVERRIDE_KEYS)
+            if any(k not in entry for k in _OVERRIDE_KEYS):
+                raise _err(source, key, f"needs both keys {' and '.join(_OVERRIDE_KEYS)}, got {dict(entry)!r}")
+            hits = _hits(entry["match"], names, source, f"{key}.match")
+            text, bits = entry["match"], _bits_list(entry["bits"], source, f"{key}.bits")
+            if not _is_pattern(text):
+                if text in exact or text in pinned:
+                    by = f"space.overrides[{exact[text]}]" if text in exact else "space.keep_fp (32 bits)"
+                    raise _err(source, f"{key}.match", f"{text!r} is already set by {by}")
+                exact[text] = i
+            rules.append((text, bits, hits))
+        patterns = [i for i, (text, _, _) in enumerate(rules) if _is_pattern(text)]
+
+        candidates: dict[str, tuple[int, ...]] = {}
+        used: set[int] = set()
+        for name in names:
+            if name in pinned:
+                candidates[name] = (FULL_PRECISION,)
+                continue
+            rule = exact.get(name, next((i for i in patterns if name in rules[i][2]), None))
+            key, bits = ("space.bits", default) if rule is None else (f"space.overrides[{rule}].bits", rules[rule][1])
+            if rule is not None:
+                used.add(rule)
+            kept = tuple(b for b in bits if b >= min_bits)
+            if not kept:
+                raise _err(source, "space.min_bits", f"{min_bits} leaves no candidate for cluster {name!r} "
+                           f"({key} = {list(bits)})")
+            candidates[name] = kept
+        for i, (text, _, _) in enumerate(rules):
+            if i not in used:
+                raise _err(source, f"space.overrides[{i}].match", f"{text!r} never applies: every cluster it "
+                           "matches is taken by space.keep_fp, an exact-name override or an earlier pattern")
+
+        sizes = {n: c.numel for n, c in clusters.items()}
+        scales = {n: 1 if granularity == "matrix" else c.shape[0] for n, c in clusters.items()}
+        # Leftovers and FP32 size straight from model_size, so the accounting cannot drift from it.
+        fp = _model_size(model, PrecisionMap(dict.fromkeys(names, FULL_PRECISION), granularity))
+        return cls(candidates, sizes, granularity, Budget.from_config(budget, source), source, scales,
+                   int(fp["fp_leftover_params"]), fp["fp32_bytes"])
+
+    @property
+    def searchable(self) -> tuple[str, ...]:
+        """Clusters the search assigns (every cluster not pinned at 32 bits), in model order."""
+        return tuple(n for n, c in self.candidates.items() if c != (FULL_PRECISION,))
+
+    @property
+    def free(self) -> tuple[str, ...]:
+        """Clusters with a real choice (more than one candidate)."""
+        return tuple(n for n, c in self.candidates.items() if len(c) > 1)
+
+    @property
+    def total_params(self) -> int:
+        """Weights in all clusters (the denominator of ``avg_bits``)."""
+        return sum(self.sizes.values())
+
+    @property
+    def pinned_params(self) -> int:
+        """Weights in clusters pinned at 32 bits."""
+        return sum(n for name, n in self.sizes.items() if self.candidates[name] == (FULL_PRECISION,))
+
+    @property
+    def fixed_bytes(self) -> float:
+        """Bytes that do not depend on the search: leftovers, pinned clusters, searchable scales."""
+        scales = sum(self.scales[n] for n in self.searchable if self.candidates[n][0] < FULL_PRECISION)
+        return float(FP32_BYTES * (self.leftover_params + self.pinned_params + scales))
+
+    def weight_bits(self, precision_map: PrecisionMap) -> int:
+        """``sum(bits * numel)`` over the searchable clusters: what budgets bound."""
+        return sum(precision_map.bits[n] * self.sizes[n] for n in self.searchable)
+
+    def theoretical_bytes(self, precision_map: PrecisionMap) -> float:
+        """``model_size(...)['theoretical_bytes']`` without the model (same accounting)."""
+        total = FP32_BYTES * self.leftover_params
+        for name, n in self.sizes.items():
+            b = precision_map.bits[name]
+            total += FP32_BYTES * n if b == FULL_PRECISION else b * n / 8 + FP32_BYTES * self.scales[name]
+        return float(total)
+
+    def fits_budget(self, precision_map: PrecisionMap) -> bool:
+        """Whether the map meets ``self.budget`` (True without a budget)."""
+        return self.budget is None or self.weight_bits(precision_map) <= self.budget.max_weight_bits(self)
+
+    def _map(self, bits: Mapping[str, int], strategy: str) -> PrecisionMap:
+        return PrecisionMap(dict(bits), self.granularity, meta={"strategy": strategy})
+
+    def smallest_map(self) -> PrecisionMap:
+        """Every cluster at its fewest candidate bits."""
+        return self._map({n: c[0] for n, c in self.candidates.items()}, "smallest")
+
+    def largest_map(self) -> PrecisionMap:
+        """Every cluster at its most candidate bits."""
+        return self._map({n: c[-1] for n, c in self.candidates.items()}, "largest")
+
+    def uniform_map(self, bits: int) -> PrecisionMap:
+        """Each cluster at its largest candidate ``<= bits``, or its smallest if none is."""
+        if not _is_int(bits):
+            raise ValueError(f"bits must be an int, got {bits!r}")
+        return self._map({n: max((b for b in c if b <= bits), default=c[0]) for n, c in self.candidates.items()},
+                         "uniform")
+
+    def contains(self, precision_map: PrecisionMap) -> bool:
+        """Whether the map has exactly these clusters, this granularity, and only candidate bits."""
+        return (isinstance(precision_map, PrecisionMap) and precision_map.granularity == self.granularity
+                and set(precision_map.bits) == set(self.candidates)
+                and all(b in self.candidates[n] for n, b in precision_map.bits.items()))
+
+    def size_range(self, model: nn.Module) -> tuple[float, float]:
+        """(smallest, largest) theoretical bytes reachable, measured by ``model_size``."""
+        return (_model_size(model, self.smallest_map())["theoretical_bytes"],
+                _model_size(model, self.largest_map())["theoretical_bytes"])
+
+    def to_nni(self) -> dict[str, dict[str, Any]]:
+        """NNI search-space JSON: a ``choice`` per cluster with more than one candidate."""
+        return {n: {"_type": "choice", "_value": list(self.candidates[n])} for n in self.free}
+
+    def from_nni_params(self, params: Mapping[str, Any]) -> PrecisionMap:
+        """The full map from NNI trial parameters (single-candidate clusters filled in)."""
+        free = self.free
+        unknown = [k for k in params if k not in free] if isinstance(params, Mapping) else [repr(params)]
+        missing = [k for k in free if k not in params] if isinstance(params, Mapping) else []
+        if unknown or missing:
+            raise SpaceError(f"{self.source}: NNI parameters do not match the space: unknown {unknown}, "
+                             f"missing {missing}")
+        bits = {n: c[0] for n, c in self.candidates.items()}
+        for name in free:
+            b = params[name]
+            if not _is_int(b) or b not in self.candidates[name]:
+                raise SpaceError(f"{self.source}: NNI parameter {name!r} = {b!r} is not one of "
+                                 f"{list(self.candidates[name])}")
+            bits[name] = int(b)
+        return self._map(bits, "nni")
+
+    def describe(self, model: nn.Module) -> str:
+        """A table of clusters and candidates, and both extremes' size, average bits, compression."""
+        width = max(len("cluster"), *(len(n) for n in self.candidates))
+        pinned = len(self.candidates) - len(self.searchable)
+        lines = [f"{self.source}: {len(self.candidates)} clusters ({len(self.free)} with a choice, {pinned} kept "
+                 f"at 32 bits), granularity {self.granularity}",
+                 f"{'cluster':<{width}}  {'params':>10}  candidates"]
+        lines += [f"{n:<{width}}  {self.sizes[n]:>10}  {' '.join(map(str, c))}" for n, c in self.candidates.items()]
+        lo = _model_size(model, self.smallest_map())
+        hi = _model_size(model, self.largest_map())
+        lines += ["", f"{'':<12}{'smallest':>12}{'largest':>12}",
+                  f"{'size MB':<12}{lo['theoretical_bytes'] / BYTES_PER_MB:>12.6f}"
+                  f"{hi['theoretical_bytes'] / BYTES_PER_MB:>12.6f}",
+                  f"{'avg bits':<12}{lo['avg_bits']:>12.3f}{hi['avg_bits']:>12.3f}",
+                  f"{'compression':<12}{lo['compression']:>12.2f}{hi['compression']:>12.2f}"]
+        if (budget := self.budget) is not None:
+            lines.append(f"budget: {budget.kind} {budget.value:g} -> at most {budget.max_weight_bits(self):.0f} weight "
+                         f"bits over the searchable clusters, at most {budget.max_bytes(self) / BYTES_PER_MB:.6f} MB")
+        return "\n".join(lines)
