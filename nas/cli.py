@@ -12,6 +12,7 @@ import torch
 from nas.config import ConfigError, load_config
 from nas.data import DataError, load_corpus, resolve_data_dir
 from nas.nbest_cli import add_nbest_arguments
+from nas.search_cli import add_search_parser, add_space_parser
 from nas.train import TrainingDivergedError
 
 
@@ -172,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_nbest_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    add_space_parser(sub)
+    add_search_parser(sub)
+    for name in ("space", "search"):
+        _add_common(sub.choices[name])
 
     p = sub.add_parser("quickstart", help="quick end-to-end run on PTB (quick.yaml)")
     p.add_argument("--out", help="run folder (default runs/quickstart)")

@@ -255,7 +255,7 @@ def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], t
                 states[state_key] = model.detach_state(out.state)
             tokens_seen += inputs.numel()
         if step % max(1, steps_per_epoch // 10) == 0 or step == total_steps - 1:
-            expected = float(net.expected_weight_bits(tau))
+            expected = float(net.expected_weight_bits(tau).detach())
             history.append({"step": step, "tau": tau, "lambda": lam, "expected_weight_bits": expected,
                             "probabilities": net.probabilities()})
             bar.set_postfix(tau=f"{tau:.2f}", lam=f"{lam:.3g}",
