@@ -44,3 +44,34 @@ def test_evaluate_rejects_a_corrupt_checkpoint(tiny_corpus_dir: Path, tmp_path: 
     bad.write_bytes(b"not a checkpoint")
     assert main(["evaluate", str(bad), "--data", str(tiny_corpus_dir)]) == 2
     assert "not a readable mpnas checkpoint" in capsys.readouterr().err
+
+
+SEARCH_EXP = {**TINY, "space": {"bits": [1, 2, 4, 8]}, "budget": {"avg_bits": 3.0}}
+
+
+def test_space_and_search_commands(tiny_corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "search.yaml"
+    config.write_text(yaml.safe_dump(SEARCH_EXP))
+    assert main(["space", str(config), "--data", str(tiny_corpus_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "layers.0.forget_gate.hh" in printed and "1 2 4 8" in printed and "avg_bits 3" in printed
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--data", str(tiny_corpus_dir), "--out", str(out), "--no-progress"]) == 0
+    map_path = tmp_path / "maps" / "kl.yaml"
+    assert main(["search", str(config), "--checkpoint", str(out / "best.pt"), "--strategy", "kl", "--budget", "2",
+                 "--out", str(map_path), "--data", str(tiny_corpus_dir)]) == 0
+    assert "kl: average bits" in capsys.readouterr().out
+    saved = yaml.safe_load(map_path.read_text())
+    assert saved["meta"]["strategy"] == "kl" and saved["meta"]["budget"] == {"avg_bits": 2.0}
+    assert (tmp_path / "maps" / "score_cache").is_dir()
+
+
+def test_space_errors_name_file_and_key(tiny_corpus_dir: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad_space.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "space": {"overrides": [{"match": "layrs.*", "bits": [2]}]}}))
+    assert main(["space", str(config), "--data", str(tiny_corpus_dir)]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and "space.overrides[0].match" in err
+    assert main(["space", str(config), "--data", str(tiny_corpus_dir), "--budget", "huge=3"]) == 2
+    assert "unknown kind 'huge'" in capsys.readouterr().err

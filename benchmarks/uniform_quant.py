@@ -1,0 +1,134 @@
+"""Uniform-precision quantization of the FP PTB models: ADMM vs STE (NNI peers: nni_peers.py).
+
+    MPNAS_DATA=../shared/data/ptb .venv/bin/python benchmarks/uniform_quant.py \\
+        --model lstm --bits 8 4 2 1 --methods admm ste --max-steps 1000 --threads 1
+
+For every (bits, method) it retrains ``benchmarks/checkpoints/<model>/best.pt`` with the same
+budget (``--epochs`` of at most ``--max-steps`` steps each), exports the packed file, and
+replaces the row in ``benchmarks/results/uniform.csv`` (columns
+``model,method,bits,avg_bits,theoretical_bytes,packed_bytes,compression,valid_ppl,test_ppl,step_time_ratio``).
+``step_time_ratio`` is the median retraining step time over the median FP step time, both
+measured in this process on the same batches (a ratio, so the shared machine's noise cancels).
+Retraining runs go to ``benchmarks/checkpoints/<model>_uniform/<method>_<bits>/`` and resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from nas.checkpoint import atomic_write_text
+from nas.config import load_config
+from nas.data import load_corpus, resolve_data_dir
+from nas.distributed import DistInfo
+from nas.retrain import load_fp_checkpoint, make_hooks, retrain
+from nas.train import TrainingHooks, epoch_batches
+from search_spaces.models import build_model
+from search_spaces.packed import export_packed
+from search_spaces.precision import PrecisionMap
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = {"lstm": "ptb_lstm", "transformer": "ptb_transformer"}
+COLUMNS = ["model", "method", "bits", "avg_bits", "theoretical_bytes", "packed_bytes", "compression", "valid_ppl",
+           "test_ppl", "step_time_ratio"]
+
+
+def write_rows(csv_path: Path, new_rows: list[dict[str, object]]) -> None:
+    """Replace rows with the same (model, method, bits), atomically."""
+    keys = {(str(r["model"]), str(r["method"]), str(r["bits"])) for r in new_rows}
+    rows = []
+    if csv_path.is_file():
+        rows = [r for r in csv.DictReader(csv_path.open()) if (r["model"], r["method"], r["bits"]) not in keys]
+    rows += [{k: r[k] for k in COLUMNS} for r in new_rows]
+    rows.sort(key=lambda r: (r["model"], r["method"], -int(r["bits"])))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(csv_path, buffer.getvalue())
+
+
+def step_times(model: torch.nn.Module, hooks: TrainingHooks, batches: list, lr: float, scale: int) -> list[float]:
+    """Wall time of each training step (forward, backward, hooks, SGD) over ``batches``."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    state, times = None, []
+    for inputs, targets in batches:
+        start = time.perf_counter()
+        hooks.before_forward(model)
+        out = model(inputs, state, targets)
+        extra = hooks.penalty(model)
+        loss = out.loss if extra is None else out.loss + extra
+        optimizer.zero_grad()
+        (loss * scale).backward()
+        hooks.before_step(model)
+        optimizer.step()
+        hooks.after_step(model, len(times))
+        if hasattr(model, "detach_state"):
+            state = model.detach_state(out.state)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_ratio(exp: object, corpus: object, ckpt: dict, precision: PrecisionMap, method: str, steps: int) -> float:
+    """Median step time with the method's hooks / median FP step time, interleaved in one run."""
+    batches = epoch_batches(exp, corpus, 0, DistInfo(), recurrent=exp.model_type == "lstm")[: steps + 5]
+    config = dict(ckpt["config"])
+    kind = config.pop("type")
+    fp_times, q_times = [], []
+    for _ in range(2):  # interleave FP and quantized passes so drifts in machine load hit both
+        for hooks_kind, sink in (("fp", fp_times), (method, q_times)):
+            model = build_model(kind, **config)
+            model.load_state_dict(ckpt["model"])
+            hooks = TrainingHooks() if hooks_kind == "fp" else make_hooks(exp.retrain, precision, method)(model)
+            sink += step_times(model, hooks, batches, 0.01, 1)[5:]  # skip warm-up steps
+    return statistics.median(q_times) / statistics.median(fp_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2, 1])
+    parser.add_argument("--methods", nargs="+", default=["admm", "ste"], choices=["admm", "ste"])
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per retraining epoch")
+    parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--data")
+    parser.add_argument("--threads", type=int)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    exp = load_config(CONFIGS[args.model])
+    exp = dataclasses.replace(exp, retrain=dataclasses.replace(exp.retrain, epochs=args.epochs,
+                                                               max_steps_per_epoch=args.max_steps))
+    corpus = load_corpus(resolve_data_dir(args.data))
+    fp_path = HERE / "checkpoints" / args.model / "best.pt"
+    ckpt = load_fp_checkpoint(fp_path, corpus)
+    for bits in args.bits:
+        for method in args.methods:
+            probe = build_model(ckpt["config"]["type"], **{k: v for k, v in ckpt["config"].items() if k != "type"})
+            precision = PrecisionMap.uniform(probe, bits)
+            out = HERE / "checkpoints" / f"{args.model}_uniform" / f"{method}_{bits}"
+            metrics = retrain(exp, corpus, fp_path, precision, out, method=method, resume=True, progress=False)
+            quantized = build_model(ckpt["config"]["type"], **{k: v for k, v in ckpt["config"].items() if k != "type"})
+            quantized.load_state_dict(load_fp_checkpoint(out / "best.pt")["model"])
+            packed = out / "model.mpq"
+            export_packed(quantized, precision, packed)
+            ratio = measure_ratio(exp, corpus, ckpt, precision, method, args.timing_steps)
+            row = {"model": f"ptb_{args.model}", "method": method, "bits": bits,
+                   "avg_bits": f"{metrics['avg_bits']:.3f}", "theoretical_bytes": int(metrics["theoretical_bytes"]),
+                   "packed_bytes": packed.stat().st_size, "compression": f"{metrics['compression']:.2f}",
+                   "valid_ppl": f"{metrics['valid_ppl']:.2f}", "test_ppl": f"{metrics['test_ppl']:.2f}",
+                   "step_time_ratio": f"{ratio:.3f}"}
+            write_rows(HERE / "results" / "uniform.csv", [row])
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
