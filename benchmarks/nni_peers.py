@@ -29,8 +29,9 @@ How NNI 3.0 is fitted to our models (read from its source, ``nni/compression/bas
   hands it the embedding's quantized weight.
 - ``nn.Embedding`` is not in NNI's quantization registry; it is registered with Linear's setting.
 - 1 bit is skipped: NNI's ``int{b}`` is narrow range ``[-(2^(b-1)-1), 2^(b-1)-1]``, so ``int1`` is
-  ``[0, 0]``, one level (every weight 0; tests/test_nni_peers.py checks it), and QAT/LSQ have no
-  binary ``{-a, +a}`` table. ``--bits 1`` prints a row with the reason instead of training.
+  ``[0, 0]``: LSQ turns every weight into 0 and QAT's scale ``max|W| / 0 = inf`` makes every weight
+  NaN (tests/test_nni_peers.py checks both); neither has a binary ``{-a, +a}`` table. ``--bits 1``
+  prints a row with the reason instead of training; int2 (ternary) is NNI's lowest real setting.
 - QAT's scale is ``EMA(max|W|) / qmax`` (EMA 0.99 per forward); LSQ starts every scale at 0.01
   (NNI's fixed init) and learns it with the weights in the same optimizer param group.
 """
@@ -64,8 +65,9 @@ from search_spaces.models.lstm_lm import LSTMLayer
 from search_spaces.precision import PrecisionMap, find_clusters
 
 METHODS = ("qat", "lsq")
-ONE_BIT_REASON = ("NNI's int1 is narrow range [0, 0]: a single level, every weight 0; QAT/LSQ have no "
-                  "binary {-a, +a} table, so 1 bit has no NNI peer (int2, ternary, is its lowest setting)")
+ONE_BIT_REASON = ("NNI's int1 is narrow range [0, 0], a single level: LSQ sets every weight to 0, QAT's scale "
+                  "max|W|/0 = inf makes them NaN; QAT/LSQ have no binary {-a, +a} table, so 1 bit has no NNI "
+                  "peer (int2, ternary, is its lowest real setting)")
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
