@@ -134,6 +134,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return cmd_train(args)
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the commands that train (train, retrain)."""
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="also checkpoint every N steps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpnas", description="Mixed-precision quantization of LMs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,10 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the FP language model of an experiment file")
     p.add_argument("config", help="experiment YAML (or a packaged name: quick, ptb_lstm, ptb_transformer)")
     p.add_argument("--out", help="run folder (default runs/<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="also checkpoint every N steps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_common(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("retrain", help="quantization-aware retraining (ADMM or STE) at a precision map")
@@ -153,10 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the FP best.pt to start from")
     p.add_argument("--method", choices=["admm", "ste"], help="default: retrain.method of the config")
     p.add_argument("--out", help="run folder (default runs/<config>_<method>)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="also checkpoint every N steps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_common(p)
+    _add_run_options(p)
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("export", help="write a (retrained) checkpoint as a bit-packed file")

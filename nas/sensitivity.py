@@ -1,0 +1,365 @@
+"""Per-cluster quantization sensitivity: the score tables of the ``kl`` and ``hessian`` strategies.
+
+A :data:`ScoreTable` ``{cluster: {bits: score}}`` (lower is better, 0 at 32 bits) is what the
+exact budgeted allocator consumes: it picks one bit width per cluster minimizing the summed score.
+
+- **kl** (:func:`kl_scores`): quantize ONE cluster at a time to each candidate width and measure
+  the mean token-level ``KL(P_fp || P_q)`` of the next-word distributions on held-out text.
+- **hessian** (:func:`hutchinson_traces` then :func:`hessian_scores`): ``|Tr(H_c)| *
+  ||Q_b(W_c) - W_c||^2`` per cluster (optionally divided by the cluster size: the "average
+  trace" of HAWQ-V2/V3), with the traces estimated by Hutchinson's method.
+
+Hutchinson follows PyHessian's ``hessian.trace()`` (amirgholami/PyHessian, pyhessian/hessian.py):
+the gradient is taken once with ``create_graph=True`` and reused; each iteration draws a
+Rademacher probe ``v``, computes ``Hv = grad(g . v)`` and adds ``v . Hv``; it stops when the
+running mean changes by less than ``tol`` relative (``|new - old| / (|old| + 1e-6)``) or after
+``max_iters``. Unlike PyHessian (one trace for the whole network) one probe spans every requested
+cluster at once, so ONE Hessian-vector product per iteration serves all clusters:
+``Tr(H_cc) = E[v_c . (Hv)_c]`` because ``E[v v^T] = I`` makes the cross-cluster blocks vanish in
+expectation. The score ``trace * ||dW||^2`` and the per-weight normalization
+``Tr / #params`` follow the HAWQ-V3 allocation notebook (Zhen-Dong/HAWQ, ILP.ipynb:
+``Hutchinson_trace`` "already normalized, i.e., Trace / # parameters", times
+``delta_weights_{4,8}bit_square = ||W_fp32 - W_int||_2^2``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from search_spaces.precision import Cluster, cluster_parameter, cluster_weight, find_clusters
+from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS, quantization_error, quantize
+
+ScoreTable = dict[str, dict[int, float]]  # cluster -> bits -> score (lower is better)
+PROBES = ("rademacher", "gaussian")
+_EPS = 1e-6  # PyHessian's guard in the relative change |new - old| / (|old| + eps)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def _resolve(model: nn.Module, names: Sequence[str] | Mapping[str, object]) -> dict[str, Cluster]:
+    """``{name: Cluster}`` for ``names``; ValueError on unknown or repeated names."""
+    if isinstance(names, str):  # list("decoder") would be seven unknown one-letter clusters
+        raise ValueError(f"expected a sequence of cluster names, got the string {names!r}")
+    clusters = find_clusters(model)
+    names = list(names)
+    unknown = [n for n in names if n not in clusters]
+    if unknown:
+        raise ValueError(f"unknown clusters {unknown}; the model's clusters are {list(clusters)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"clusters given more than once: {repeated}")
+    if not names:
+        raise ValueError("no clusters given; expected at least one cluster name")
+    return {n: clusters[n] for n in names}
+
+
+def _check_candidates(model: nn.Module, candidates: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """Validated ``{cluster: sorted unique bits}``; ValueError names the bad cluster or width."""
+    if not isinstance(candidates, Mapping):
+        raise ValueError(f"candidates must map cluster name -> candidate bits, got {type(candidates).__name__}")
+    _resolve(model, candidates)
+    checked: dict[str, tuple[int, ...]] = {}
+    for name, bits in candidates.items():
+        if isinstance(bits, str | bytes) or not isinstance(bits, Sequence | set | frozenset) or not bits:
+            raise ValueError(f"candidates[{name!r}] must be a non-empty sequence of bit widths, got {bits!r}")
+        bad = [b for b in bits if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b not in SUPPORTED_BITS]
+        if bad:
+            raise ValueError(f"candidates[{name!r}] has unsupported bit widths {bad}; expected {SUPPORTED_BITS}")
+        checked[name] = tuple(sorted({int(b) for b in bits}))
+    return checked
+
+
+def _check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}; expected one of {GRANULARITIES}")
+
+
+# ----------------------------------------------------------------------------- KL strategy
+
+def _chunks(model: nn.Module, tokens: torch.Tensor, batch_size: int, bptt: int, context: int | None,
+            device: torch.device) -> tuple[list[torch.Tensor], bool]:
+    """The input chunks every KL pass runs, in order, and whether state is carried between them.
+
+    Recurrent models: ``batch_size`` contiguous rows cut into ``bptt``-long chunks with the state
+    carried over (as the perplexity evaluator does); the < batch_size tokens left over are not
+    used. Window models: non-overlapping windows of ``context`` tokens (the model's own by
+    default), the last one shorter. Every input position is one predicted next-word distribution.
+    """
+    n = tokens.numel()
+    if hasattr(model, "init_state"):
+        rows = max(1, min(batch_size, n))
+        length = n // rows
+        data = tokens[: rows * length].view(rows, length).to(device)
+        return [data[:, t : t + bptt] for t in range(0, length, bptt)], True
+    if context is None:
+        context = getattr(getattr(model, "config", None), "context", None)
+        if context is None:
+            raise ValueError("a model without init_state is run in windows, but it has no config.context; "
+                             "pass context=")
+    full = n // context
+    windows = tokens[: full * context].view(full, context)
+    chunks = [windows[i : i + batch_size].to(device) for i in range(0, full, batch_size)]
+    if n % context:
+        chunks.append(tokens[full * context :].view(1, -1).to(device))
+    return chunks, False
+
+
+def _logits(model: nn.Module, chunks: list[torch.Tensor], recurrent: bool) -> Iterator[torch.Tensor]:
+    """Next-word logits ``[batch, time, vocab]`` (float32) of each chunk, in order."""
+    state = None
+    for x in chunks:
+        if recurrent:
+            out = model(x, state)
+            state = out.state
+        else:
+            out = model(x)
+        yield out.logits.float()
+
+
+def _summed_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``sum over tokens of KL(softmax(reference) || softmax(logits))``, in float64.
+
+    float32 log-softmax rounding (~1e-7 per log-probability) does not cancel in
+    ``sum p (log p - log q)`` and would swamp the KL of high-bit quantization (often < 1e-6);
+    in float64 the error is second order in the logits' own rounding.
+    """
+    log_p, log_q = reference.double().log_softmax(-1), logits.double().log_softmax(-1)
+    return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+
+
+@torch.no_grad()
+def kl_scores(model: nn.Module, candidates: Mapping[str, Sequence[int]], tokens: torch.Tensor, *,
+              batch_size: int = 10, bptt: int = 35, context: int | None = None, granularity: str = "matrix",
+              device: torch.device | str | None = None) -> ScoreTable:
+    """Mean token ``KL(P_fp || P_q)`` with one cluster quantized at a time: ``{cluster: {bits: kl}}``.
+
+    ``tokens`` is a 1-D held-out id stream. The full-precision logits are computed once and kept
+    (``tokens x vocab`` float32 values on ``device``: keep the slice to a few thousand tokens);
+    then, for each cluster and candidate width, the cluster alone is quantized (from a
+    saved copy of its weights, restored afterwards, also on error), the same chunks are run and
+    ``sum_v p (log p - log q)`` is averaged over every scored token. 32 bits scores exactly 0
+    without a forward pass. Recurrent models (with ``init_state``) carry their state across
+    ``bptt``-long chunks of ``batch_size`` rows; window models use non-overlapping windows of
+    ``context`` tokens (default ``model.config.context``), ``batch_size`` windows per forward.
+    The model runs in eval mode (no dropout) on ``device`` (default: its parameters' device) and
+    is left exactly as it was.
+    """
+    table_bits = _check_candidates(model, candidates)
+    clusters = _resolve(model, table_bits)
+    _check_granularity(granularity)
+    if tokens.dim() != 1 or tokens.numel() == 0 or tokens.is_floating_point():
+        raise ValueError(f"tokens must be a non-empty 1-D integer id stream, got {tokens.dtype} "
+                         f"of shape {tuple(tokens.shape)}")
+    for key, value in (("batch_size", batch_size), ("bptt", bptt), ("context", context)):
+        if value is not None and value < 1:
+            raise ValueError(f"{key}={value} must be >= 1")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        chunks, recurrent = _chunks(model, tokens, batch_size, bptt, context, device)
+        reference = list(_logits(model, chunks, recurrent))  # the only FP pass
+        scored = sum(r.shape[0] * r.shape[1] for r in reference)
+        table: ScoreTable = {}
+        for name, cluster in clusters.items():
+            view = cluster_weight(model, cluster)  # live weights: writes reach the model
+            original = view.clone()
+            row: dict[int, float] = {}
+            try:
+                for bits in table_bits[name]:
+                    if bits == FULL_PRECISION:
+                        row[bits] = 0.0  # the model is unchanged: KL is exactly 0
+                        continue
+                    view.copy_(quantize(original, bits, granularity).weight)
+                    total = torch.zeros((), dtype=torch.float64, device=device)
+                    for ref, logits in zip(reference, _logits(model, chunks, recurrent), strict=True):
+                        total += _summed_kl(ref, logits)
+                    # KL >= 0; float rounding of near-identical distributions can dip below.
+                    row[bits] = max(0.0, float(total) / scored)
+            finally:
+                view.copy_(original)
+            table[name] = row
+    finally:
+        model.train(was_training)
+    return table
+
+
+# ----------------------------------------------------------------------------- Hessian strategy
+
+class TraceEstimate(NamedTuple):
+    """Hutchinson estimate of one cluster's Hessian trace."""
+
+    trace: float  # running mean of v_c . (Hv)_c
+    iters: int  # probes used (the same for every cluster of one call)
+    rel_change: float  # |mean_k - mean_{k-1}| / (|mean_{k-1}| + 1e-6) at the last iteration
+
+
+def _hessian_vector_product(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                            vectors: Sequence[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    """``Hv = d(g . v)/dtheta`` for all of ``params`` at once: one double backward (Pearlmutter).
+
+    The graph of ``grads`` is kept for the next probe, as PyHessian's single-batch path does.
+    """
+    return torch.autograd.grad(grads, params, grad_outputs=vectors, retain_graph=True, allow_unused=True)
+
+
+def _probe(like: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """A probe shaped like ``like``: Rademacher ±1 or standard normal, both with E[v v^T] = I."""
+    # Drawn on the CPU from the caller's seeded generator, so a seed gives the same probes on
+    # every device; the HVP costs far more than the copy.
+    if kind == "rademacher":
+        v = torch.randint(0, 2, like.shape, generator=generator).mul_(2).sub_(1)
+    else:
+        v = torch.randn(like.shape, generator=generator)
+    return v.to(device=like.device, dtype=like.dtype)
+
+
+def hutchinson_traces(model: nn.Module, clusters: Sequence[str], loss_fn: Callable[[nn.Module], torch.Tensor], *,
+                      probes: str = "rademacher", max_iters: int = 200, tol: float = 1e-3, min_iters: int = 10,
+                      seed: int = 0) -> dict[str, TraceEstimate]:
+    """Hutchinson estimates of ``Tr(H_c)`` (Hessian of ``loss_fn(model)`` w.r.t. cluster c's weights).
+
+    One probe covers all requested clusters and one Hessian-vector product per iteration serves
+    them all (``trace_c += v_c . (Hv)_c``). Stops once every cluster's running mean changed by
+    less than ``tol`` relative in the last iteration (and at least ``min_iters`` probes were
+    used, so two early draws that happen to agree cannot end it), or after ``max_iters``.
+    Probes (``"rademacher"`` or ``"gaussian"``) come from a ``torch.Generator`` seeded with
+    ``seed``; the global RNG is not touched. ``loss_fn`` is called once, in eval mode, and must
+    return a scalar built from the model's weights (see :func:`lm_loss_fn`); its graph is kept
+    for the whole estimate. Only the parameters holding the clusters are differentiated (a row
+    slice of a fused parameter: the whole parameter, probed only on the requested rows); their
+    ``requires_grad`` flags, ``.grad`` and the model's train/eval mode are left as they were.
+    """
+    if probes not in PROBES:
+        raise ValueError(f"probes={probes!r}; expected one of {PROBES}")
+    if max_iters < 1 or not 1 <= min_iters <= max_iters:
+        raise ValueError(f"need 1 <= min_iters <= max_iters, got min_iters={min_iters}, max_iters={max_iters}")
+    if not tol >= 0:
+        raise ValueError(f"tol={tol} must be >= 0")
+    resolved = _resolve(model, clusters)
+    params: list[torch.Tensor] = []
+    slots: dict[str, tuple[int, slice]] = {}  # cluster -> (index into params, its rows)
+    for name, cluster in resolved.items():
+        cluster_weight(model, cluster)  # raises if the model changed shape since find_clusters
+        param = cluster_parameter(model, cluster)
+        index = next((i for i, p in enumerate(params) if p is param), len(params))
+        if index == len(params):
+            params.append(param)
+        slots[name] = (index, slice(*cluster.rows) if cluster.rows else slice(None))
+    # Probe only requested rows: rows of a fused parameter that belong to other clusters stay 0.
+    masks = [torch.zeros(p.shape[0], *([1] * (p.dim() - 1)), dtype=p.dtype, device=p.device) for p in params]
+    for index, rows in slots.values():
+        masks[index][rows] = 1
+
+    was_training = model.training
+    flags = [p.requires_grad for p in params]
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()  # dropout would make every HVP a different function
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(model)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
+                                 f"{tuple(getattr(loss, 'shape', ()))}")
+            if not torch.isfinite(loss.detach()).all():
+                raise ValueError(f"loss_fn returned {float(loss)}; the Hessian of a non-finite loss has no trace")
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            # A gradient without a graph is constant in theta: that parameter's Hessian block is 0.
+            live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            means = dict.fromkeys(slots, 0.0)
+            rel = dict.fromkeys(slots, math.inf)
+            iters = 0
+            for iters in range(1, max_iters + 1):
+                vectors = [_probe(p, probes, generator) * m for p, m in zip(params, masks, strict=True)]
+                hv: Sequence[torch.Tensor | None] = [None] * len(params)
+                if live:
+                    out = _hessian_vector_product([grads[i] for i in live], params, [vectors[i] for i in live])
+                    hv = list(out)
+                home = params[0].device  # one transfer per iteration, not one per cluster
+                vhv = [(vectors[i][rows] * hv[i][rows]).sum(dtype=torch.float64).to(home) if hv[i] is not None
+                       else torch.zeros((), dtype=torch.float64, device=home) for i, rows in slots.values()]
+                for name, sample in zip(slots, torch.stack(vhv).tolist(), strict=True):
+                    old = means[name]
+                    means[name] = old + (sample - old) / iters
+                    rel[name] = abs(means[name] - old) / (abs(old) + _EPS) if iters > 1 else math.inf
+                if iters >= min_iters and all(r < tol for r in rel.values()):
+                    break
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {name: TraceEstimate(means[name], iters, rel[name]) for name in slots}
+
+
+@torch.no_grad()
+def hessian_scores(model: nn.Module, traces: Mapping[str, TraceEstimate | float],
+                   candidates: Mapping[str, Sequence[int]], *, granularity: str = "matrix",
+                   per_weight: bool = False) -> ScoreTable:
+    """``|Tr(H_c)| * ||Q_b(W_c) - W_c||^2`` per cluster and candidate width (0 at 32 bits).
+
+    ``traces`` maps each candidate cluster to a :class:`TraceEstimate` (or a plain float).
+    ``per_weight=True`` divides by the cluster size: the average trace of HAWQ-V2/V3, which
+    compares clusters of different sizes by curvature per weight. |trace| because away from a
+    minimum (or with few probes) the estimate can be negative, and a negative score would make
+    the allocator prefer more error.
+    """
+    table_bits = _check_candidates(model, candidates)
+    clusters = _resolve(model, table_bits)
+    _check_granularity(granularity)
+    missing = [n for n in clusters if n not in traces]
+    if missing:
+        raise ValueError(f"no trace for clusters {missing}; run hutchinson_traces on them first")
+    table: ScoreTable = {}
+    for name, cluster in clusters.items():
+        estimate = traces[name]
+        trace = float(estimate.trace if isinstance(estimate, TraceEstimate) else estimate)
+        if not math.isfinite(trace):
+            raise ValueError(f"trace of cluster {name!r} is {trace}; expected a finite number")
+        weight = cluster_weight(model, cluster).detach()
+        scale = abs(trace) / (cluster.numel if per_weight else 1)
+        table[name] = {b: 0.0 if b == FULL_PRECISION else scale * quantization_error(weight, b, granularity)
+                       for b in table_bits[name]}
+    return table
+
+
+def lm_loss_fn(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Callable[[nn.Module], torch.Tensor]:
+    """A ``loss_fn(model)`` for :func:`hutchinson_traces`: mean token cross-entropy over fixed batches.
+
+    ``batches`` are ``(inputs, targets)`` pairs of ``[batch, time]`` token ids. Each batch runs
+    from the model's default state (zero state for recurrent models, no history for window
+    models), so the closure needs no knowledge of the model type; batches are weighted by their
+    token counts and moved to the model's device at call time.
+    """
+    checked: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise ValueError(f"batches[{i}] must be an (inputs, targets) pair, got {type(batch).__name__}")
+        inputs, targets = batch
+        if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.numel() == 0:
+            raise ValueError(f"batches[{i}]: inputs and targets must be equal non-empty [batch, time] shapes, "
+                             f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
+        checked.append((inputs, targets))
+    if not checked:
+        raise ValueError("batches is empty; expected at least one (inputs, targets) pair")
+    total = sum(t.numel() for _, t in checked)
+
+    def loss_fn(model: nn.Module) -> torch.Tensor:
+        device = next(model.parameters()).device
+        loss = torch.zeros((), device=device)
+        for inputs, targets in checked:
+            out = model(inputs.to(device), targets=targets.to(device))
+            if out.loss is None:
+                raise ValueError(f"{type(model).__name__}.forward returned no loss for the given targets")
+            loss = loss + out.loss * (targets.numel() / total)
+        return loss
+
+    return loss_fn
