@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from nas.data import stream_batches, window_batches
 from search_spaces.precision import Cluster, PrecisionMap, find_clusters
-from search_spaces.quant import FULL_PRECISION, fake_quantize, solve_scale
+from search_spaces.quant import FULL_PRECISION, fake_quantize, solve_scale, table_values
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,32 @@ class GumbelSettings:
             raise ValueError(f"arch_fraction must be in (0, 1), got {self.arch_fraction}")
         if self.epochs <= 0 or self.rescale_every < 1:
             raise ValueError(f"need epochs > 0 and rescale_every >= 1, got {self.epochs}, {self.rescale_every}")
+
+
+class _MixedQuantize(torch.autograd.Function):
+    """``sum_b pi_b * Q_b(W)`` with the straight-through gradient to ``W`` and the exact one to ``pi``.
+
+    Since ``sum_b pi_b = 1`` the STE gradient to W is the incoming gradient itself, and
+    ``d/dpi_b = <grad, Q_b(W)>``. One fused function instead of |B| autograd branches saves
+    the per-branch backward passes over large clusters (embedding and softmax).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: torch.Tensor, pi: torch.Tensor, bits: tuple[int, ...], alphas: tuple) -> torch.Tensor:
+        tables = [table_values(w, b, a) if b < FULL_PRECISION else w.detach()
+                  for b, a in zip(bits, alphas, strict=True)]
+        out = tables[0] * pi[0]
+        for weight, table in zip(pi[1:], tables[1:], strict=True):
+            out.add_(table * weight)
+        ctx.save_for_backward(*tables)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        tables = ctx.saved_tensors
+        flat = grad.reshape(-1)
+        grad_pi = torch.stack([torch.dot(flat, table.reshape(-1)) for table in tables])
+        return grad, grad_pi, None, None
 
 
 def _param_key(cluster: Cluster) -> str:
@@ -135,17 +161,18 @@ class GumbelSupernet(nn.Module):
         mixed = {}
         for name, bits_list in self.candidates.items():
             weight = self._weight(name)
-            quantized = [weight if b == FULL_PRECISION else fake_quantize(weight, b, alpha=self.alpha[(name, b)])
-                         for b in bits_list]
             if len(bits_list) == 1:
-                mixed[_param_key(self.clusters[name])] = quantized[0]
+                only = bits_list[0]
+                mixed[_param_key(self.clusters[name])] = (
+                    weight if only == FULL_PRECISION else fake_quantize(weight, only, alpha=self.alpha[(name, only)]))
                 continue
             logits = self.logits[self._key(name)]
             if generator is not None:
                 uniform = torch.rand(logits.shape, generator=generator).clamp_(1e-10, 1 - 1e-10).to(logits.device)
                 logits = logits - torch.log(-torch.log(uniform))
             pi = F.softmax(logits / tau, dim=0)
-            mixed[_param_key(self.clusters[name])] = sum(p * q for p, q in zip(pi, quantized, strict=True))
+            alphas = tuple(self.alpha.get((name, b)) for b in bits_list)
+            mixed[_param_key(self.clusters[name])] = _MixedQuantize.apply(weight, pi, bits_list, alphas)
         return mixed
 
     def expected_weight_bits(self, tau: float = 1.0) -> torch.Tensor:

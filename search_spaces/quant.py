@@ -252,6 +252,22 @@ def quantize(
     return QuantResult(dequantize(codes, alpha).to(w.dtype), codes, alpha)
 
 
+@torch.no_grad()
+def table_values(w: torch.Tensor, bits: int, alpha: torch.Tensor) -> torch.Tensor:
+    """``alpha * codes(w)`` in ``w``'s dtype without an integer round trip (hot loops; same values
+    as ``dequantize(quantize_codes(w, bits, alpha), alpha)`` for float32 weights). 32 returns ``w``."""
+    _check_bits(bits)
+    if bits == FULL_PRECISION:
+        return w.detach()
+    w, alpha = w.detach(), alpha.to(w.dtype)
+    if bits == 1:
+        return torch.where(w >= 0, alpha, -alpha)
+    # Same arithmetic as _round_codes, in place to spare the allocations.
+    safe = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+    m = qmax(bits)
+    return torch.div(w, safe).round_().clamp_(-m, m).mul_(alpha)
+
+
 class _STEQuantize(torch.autograd.Function):
     """Forward: the table value ``alpha * q(w)``. Backward: plain straight-through identity.
 
