@@ -108,18 +108,13 @@ def main() -> None:
     fp = statistics.median(times["fp"])
     rows = [{"model": f"ptb_{args.model}", "method": m, "median_step_s": f"{statistics.median(t):.4f}",
              "ratio_to_fp": f"{statistics.median(t) / fp:.3f}", "steps": len(t)} for m, t in times.items()]
+    path = HERE / "results" / "step_time.csv"
+    kept = [r for r in csv.DictReader(path.open()) if r["model"] != f"ptb_{args.model}"] if path.is_file() else []
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
-    path = HERE / "results" / "step_time.csv"
-    existing = [r for r in csv.DictReader(path.open())] if path.is_file() else []
-    kept = [r for r in existing if r["model"] != f"ptb_{args.model}"]
-    buffer2 = io.StringIO()
-    writer2 = csv.DictWriter(buffer2, fieldnames=list(rows[0]), lineterminator="\n")
-    writer2.writeheader()
-    writer2.writerows(kept + rows)
-    atomic_write_text(path, buffer2.getvalue())
+    writer.writerows(kept + rows)
+    atomic_write_text(path, buffer.getvalue())
     print(buffer.getvalue())
 
 

@@ -19,10 +19,10 @@ import csv
 import dataclasses
 import io
 import statistics
-import time
 from pathlib import Path
 
 import torch
+from step_time import time_hooks  # benchmarks/ is on sys.path when this script runs
 
 from nas.checkpoint import atomic_write_text
 from nas.config import load_config
@@ -55,27 +55,6 @@ def write_rows(csv_path: Path, new_rows: list[dict[str, object]]) -> None:
     atomic_write_text(csv_path, buffer.getvalue())
 
 
-def step_times(model: torch.nn.Module, hooks: TrainingHooks, batches: list, lr: float, scale: int) -> list[float]:
-    """Wall time of each training step (forward, backward, hooks, SGD) over ``batches``."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    state, times = None, []
-    for inputs, targets in batches:
-        start = time.perf_counter()
-        hooks.before_forward(model)
-        out = model(inputs, state, targets)
-        extra = hooks.penalty(model)
-        loss = out.loss if extra is None else out.loss + extra
-        optimizer.zero_grad()
-        (loss * scale).backward()
-        hooks.before_step(model)
-        optimizer.step()
-        hooks.after_step(model, len(times))
-        if hasattr(model, "detach_state"):
-            state = model.detach_state(out.state)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def measure_ratio(exp: object, corpus: object, ckpt: dict, precision: PrecisionMap, method: str, steps: int) -> float:
     """Median step time with the method's hooks / median FP step time, interleaved in one run."""
     batches = epoch_batches(exp, corpus, 0, DistInfo(), recurrent=exp.model_type == "lstm")[: steps + 5]
@@ -87,7 +66,7 @@ def measure_ratio(exp: object, corpus: object, ckpt: dict, precision: PrecisionM
             model = build_model(kind, **config)
             model.load_state_dict(ckpt["model"])
             hooks = TrainingHooks() if hooks_kind == "fp" else make_hooks(exp.retrain, precision, method)(model)
-            sink += step_times(model, hooks, batches, 0.01, 1)[5:]  # skip warm-up steps
+            sink += time_hooks(model, hooks, batches)[5:]  # skip warm-up steps
     return statistics.median(q_times) / statistics.median(fp_times)
 
 
