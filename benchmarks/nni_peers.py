@@ -48,6 +48,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", help="corpus folder (default $MPNAS_DATA, then the PTB cache)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--packed", help="also export the quantized model as a packed .mpq file here")
     args = parser.parse_args(argv)
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(argv)
     row: dict[str, Any] = {"method": f"nni_{args.method}", "bits": args.bits, "command": command}
@@ -321,9 +323,14 @@ def main(argv: list[str] | None = None) -> None:
     exp = dataclasses.replace(exp, model=model_cfg)  # the checkpoint's architecture wins, as in retrain
     model = _build(model_cfg)
     model.load_state_dict(ckpt["model"])
-    _, metrics = nni_quantize_train(model, args.method, args.bits, exp, corpus, epochs=args.epochs,
+    quantized, metrics = nni_quantize_train(model, args.method, args.bits, exp, corpus, epochs=args.epochs,
                                     max_steps_per_epoch=args.max_steps, device=args.device,
                                     log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.packed:
+        from search_spaces.packed import export_packed
+
+        export_packed(quantized, PrecisionMap.uniform(quantized, args.bits), Path(args.packed))
+        metrics["packed_bytes"] = Path(args.packed).stat().st_size
     print(json.dumps({**row, **metrics}), flush=True)
 
 

@@ -42,7 +42,7 @@ def _fresh(ckpt: dict) -> torch.nn.Module:
 
 
 def time_hooks(model: torch.nn.Module, hooks: TrainingHooks, batches: list) -> list[float]:
-    """Seconds per step: forward, penalty, backward, hooks, SGD step."""
+    """Seconds per step: forward, penalty, backward, hooks, clipping, SGD step (as nas.train does)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     state, times = None, []
     for step, (inputs, targets) in enumerate(batches):
@@ -53,6 +53,8 @@ def time_hooks(model: torch.nn.Module, hooks: TrainingHooks, batches: list) -> l
         optimizer.zero_grad()
         (out.loss if extra is None else out.loss + extra).backward()
         hooks.before_step(model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        hooks.after_clip(model, 1.0)
         optimizer.step()
         hooks.after_step(model, step)
         state = model.detach_state(out.state) if hasattr(model, "detach_state") else None

@@ -1,9 +1,11 @@
 """Uniform-precision quantization of the FP PTB models: ADMM vs STE (NNI peers: nni_peers.py).
 
     MPNAS_DATA=../shared/data/ptb .venv/bin/python benchmarks/uniform_quant.py \\
-        --model lstm --bits 8 4 2 1 --methods admm ste --max-steps 1000 --threads 1
+        --model lstm --bits 8 4 2 1 --methods admm ste nni_qat nni_lsq --max-steps 800 --threads 1
 
-For every (bits, method) it retrains ``benchmarks/checkpoints/<model>/best.pt`` with the same
+``nni_qat`` / ``nni_lsq`` run ``benchmarks/nni_peers.py`` in ``.venv-nni`` (NNI's own pins) with
+the same checkpoint, retrain section, epochs and step cap. For every (bits, method) it retrains
+``benchmarks/checkpoints/<model>/best.pt`` with the same
 budget (``--epochs`` of at most ``--max-steps`` steps each), exports the packed file, and
 replaces the row in ``benchmarks/results/uniform.csv`` (columns
 ``model,method,bits,avg_bits,theoretical_bytes,packed_bytes,compression,valid_ppl,test_ppl,step_time_ratio``).
@@ -18,7 +20,9 @@ import argparse
 import csv
 import dataclasses
 import io
+import json
 import statistics
+import subprocess
 from pathlib import Path
 
 import torch
@@ -55,6 +59,34 @@ def write_rows(csv_path: Path, new_rows: list[dict[str, object]]) -> None:
     atomic_write_text(csv_path, buffer.getvalue())
 
 
+NNI_METHODS = {"nni_qat": "qat", "nni_lsq": "lsq"}
+
+
+def run_nni_peer(args: argparse.Namespace, method: str, bits: int, fp_path: Path) -> dict[str, object] | None:
+    """One NNI peer row (``nni_peers.py`` in NNI's venv); None when NNI cannot do ``bits``."""
+    out = HERE / "checkpoints" / f"{args.model}_uniform" / f"{method}_{bits}"
+    out.mkdir(parents=True, exist_ok=True)
+    command = [args.nni_python, str(HERE / "nni_peers.py"), "--checkpoint", str(fp_path), "--config",
+               CONFIGS[args.model], "--method", NNI_METHODS[method], "--bits", str(bits),
+               "--epochs", str(args.epochs), "--threads", str(args.threads or 1), "--packed", str(out / "model.mpq")]
+    if args.max_steps:
+        command += ["--max-steps", str(args.max_steps)]
+    if args.data:
+        command += ["--data", args.data]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    atomic_write_text(out / "result.json", json.dumps(result, indent=1) + "\n")
+    if "skipped" in result:
+        print(f"{method} {bits} bit skipped: {result['skipped']}", flush=True)
+        return None
+    return {"model": f"ptb_{args.model}", "method": method, "bits": bits, "avg_bits": f"{result['avg_bits']:.3f}",
+            "theoretical_bytes": int(result["theoretical_bytes"]), "packed_bytes": result.get("packed_bytes", ""),
+            "compression": f"{result['compression']:.2f}", "valid_ppl": f"{result['valid_ppl']:.2f}",
+            "test_ppl": f"{result['test_ppl']:.2f}", "step_time_ratio": f"{result['step_time_ratio']:.3f}"}
+
+
 def measure_ratio(exp: object, corpus: object, ckpt: dict, precision: PrecisionMap, method: str, steps: int) -> float:
     """Median step time with the method's hooks / median FP step time, interleaved in one run."""
     batches = epoch_batches(exp, corpus, 0, DistInfo(), recurrent=exp.model_type == "lstm")[: steps + 5]
@@ -74,7 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2, 1])
-    parser.add_argument("--methods", nargs="+", default=["admm", "ste"], choices=["admm", "ste"])
+    parser.add_argument("--methods", nargs="+", default=["admm", "ste"], choices=["admm", "ste", *NNI_METHODS])
+    parser.add_argument("--nni-python", default=str(HERE.parent / ".venv-nni" / "bin" / "python"),
+                        help="interpreter with NNI 3.0 installed (requirements-nni.txt)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per retraining epoch")
     parser.add_argument("--timing-steps", type=int, default=20)
@@ -91,6 +125,12 @@ def main() -> None:
     ckpt = load_fp_checkpoint(fp_path, corpus)
     for bits in args.bits:
         for method in args.methods:
+            if method in NNI_METHODS:
+                row = run_nni_peer(args, method, bits, fp_path)
+                if row is not None:
+                    write_rows(HERE / "results" / "uniform.csv", [row])
+                print(row, flush=True)
+                continue
             probe = build_model(ckpt["config"]["type"], **{k: v for k, v in ckpt["config"].items() if k != "type"})
             precision = PrecisionMap.uniform(probe, bits)
             out = HERE / "checkpoints" / f"{args.model}_uniform" / f"{method}_{bits}"

@@ -4,7 +4,10 @@ Both plug into :func:`nas.train.train` as :class:`~nas.train.TrainingHooks`, so 
 shares the FP loop's batching, checkpoint/resume, DDP and divergence checks.
 
 ADMM (Leng et al., AAAI 2018), scaled form, one (G, U) pair per quantized cluster:
-- theta step: SGD/Adam on ``CE(W) + rho/2 * sum_c ||W_c - G_c + U_c||^2``;
+- theta step: SGD/Adam on ``CE(W) + rho/2 * sum_c ||W_c - G_c + U_c||^2``; the penalty's gradient
+  ``rho (W - G + U)`` is added after gradient clipping (scaled like the loss), because clipping
+  the sum let a large constraint violation shrink the loss gradient and the pull alike (the
+  first PTB runs stalled at 2 bits with a primal residual that grew instead of shrinking);
 - every ``project_every`` steps: ``G_c = Q_b(W_c + U_c)`` (closed-form alpha), ``U_c += W_c - G_c``;
 - rho grows by ``rho_growth`` at every projection up to ``rho_max`` (U is rescaled by
   rho_old / rho_new, as the scaled dual requires);
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from nas.train import TrainingHooks
-from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
+from search_spaces.precision import PrecisionMap, cluster_parameter, cluster_weight, find_clusters
 from search_spaces.quant import FULL_PRECISION, quantize, quantize_codes, solve_scale
 
 
@@ -89,12 +92,22 @@ class AdmmHooks(TrainingHooks):
         self.u = {name: torch.zeros_like(v, memory_format=torch.contiguous_format) for name, v in views.items()}
         self.residuals: list[dict[str, float]] = []
 
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+    @torch.no_grad()
+    def penalty_value(self, model: nn.Module) -> float:
+        """``rho/2 * sum_c ||W_c - G_c + U_c||^2`` (what :meth:`after_clip` adds the gradient of)."""
         views = self.q.views(model)
-        if not views:
-            return None
-        total = sum(((views[n] - self.g[n] + self.u[n]) ** 2).sum() for n in views)
-        return 0.5 * self.rho * total
+        return 0.5 * self.rho * sum(float(((views[n] - self.g[n] + self.u[n]) ** 2).sum()) for n in views)
+
+    @torch.no_grad()
+    def after_clip(self, model: nn.Module, loss_scale: float) -> None:
+        for name, cluster in self.q.clusters.items():
+            param = cluster_parameter(model, cluster)
+            view = cluster_weight(model, cluster)
+            pull = (view - self.g[name] + self.u[name]) * (self.rho * loss_scale)
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            grad = param.grad if cluster.rows is None else param.grad[cluster.rows[0]:cluster.rows[1]]
+            grad.add_(pull)
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, global_step: int) -> None:

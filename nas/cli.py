@@ -1,4 +1,4 @@
-"""The ``mpnas`` command line: ``train``, ``retrain``, ``export``, ``evaluate`` and ``quickstart``."""
+"""The ``mpnas`` command line: ``train``, ``retrain``, ``export``, ``evaluate``, ``pipeline``, ``quickstart``, ..."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import torch
 from nas.config import ConfigError, load_config
 from nas.data import DataError, load_corpus, resolve_data_dir
 from nas.nbest_cli import add_nbest_arguments
+from nas.nni_launcher import add_nni_parser
+from nas.pipeline import add_pipeline_parser, run_from_args
+from nas.report_cli import add_report_parser
 from nas.search_cli import add_search_parser, add_space_parser
 from nas.train import TrainingDivergedError
 
@@ -126,12 +129,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """The quick end-to-end run on PTB with ``quick.yaml``."""
-    args.config = "quick"
-    args.out = args.out or "runs/quickstart"
-    args.resume = True
-    args.checkpoint_every = 200
-    return cmd_train(args)
+    """The quick end-to-end pipeline on PTB with ``quick.yaml`` (nas/pipeline.py); rerun to resume."""
+    out = run_from_args("quick", args, Path("runs") / "quickstart")
+    print(f"quickstart done; report: {out / 'report' / 'report.html'}")
+    return 0
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -180,8 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_parser(sub)
     for name in ("space", "search"):
         _add_common(sub.choices[name])
+    add_report_parser(sub)
 
-    p = sub.add_parser("quickstart", help="quick end-to-end run on PTB (quick.yaml)")
+    _add_common(add_pipeline_parser(sub))
+    _add_common(add_nni_parser(sub))
+
+    p = sub.add_parser("quickstart", help="quick end-to-end pipeline on PTB (quick.yaml), resumable")
     p.add_argument("--out", help="run folder (default runs/quickstart)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_common(p)

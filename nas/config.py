@@ -1,4 +1,4 @@
-"""Experiment files: one YAML per experiment, sections ``model data train retrain space budget search``.
+"""Experiment files: one YAML per experiment, sections ``model data train retrain space budget search pipeline nni``.
 
 Every key is checked: an unknown key or a value of the wrong type is a
 :class:`ConfigError` naming the file and the dotted key.
@@ -122,6 +122,46 @@ class SearchSection:
             raise ValueError(f"hessian_probes must be 'rademacher' or 'gaussian', got {self.hessian_probes!r}")
 
 
+STRATEGY_NAMES = ("gumbel", "kl", "hessian", "uniform", "random")
+
+
+@dataclass
+class PipelineSection:
+    """What ``mpnas pipeline`` runs: every strategy at every budget (see nas/pipeline.py).
+
+    ``budgets`` are average bits per weight (the ``avg_bits`` budget kind); ``retrain_method``
+    None means ``retrain.method``; ``include_uniform`` adds the uniform baseline at every
+    integer budget, so that reports show uniform points beside the searched ones.
+    """
+
+    strategies: list[str] = field(default_factory=lambda: ["kl", "gumbel"])
+    budgets: list[float] = field(default_factory=lambda: [2.0])
+    retrain_method: str | None = None  # admm | ste | None (= retrain.method)
+    include_uniform: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.strategies:
+            raise ValueError("'pipeline.strategies' must list at least one strategy")
+        for i, name in enumerate(self.strategies):
+            if name not in STRATEGY_NAMES:
+                raise ValueError(f"'pipeline.strategies[{i}]' = {name!r} is not one of {STRATEGY_NAMES}")
+            if name in self.strategies[:i]:
+                raise ValueError(f"'pipeline.strategies[{i}]' = {name!r} is listed twice")
+        if not self.budgets:
+            raise ValueError("'pipeline.budgets' must list at least one budget (average bits)")
+        labels: list[str] = []
+        for i, value in enumerate(self.budgets):
+            if not 0 < value <= 32:
+                raise ValueError(f"'pipeline.budgets[{i}]' = {value!r} must be average bits in (0, 32]")
+            if f"{value:g}" in labels:
+                raise ValueError(f"'pipeline.budgets[{i}]' = {value!r} is listed twice")
+            labels.append(f"{value:g}")
+        self.budgets = [float(b) for b in self.budgets]
+        if self.retrain_method not in (None, "admm", "ste"):
+            raise ValueError(f"'pipeline.retrain_method' = {self.retrain_method!r} is not one of "
+                             "('admm', 'ste') (or leave it out to use retrain.method)")
+
+
 @dataclass
 class ExperimentConfig:
     """A parsed experiment file."""
@@ -131,8 +171,10 @@ class ExperimentConfig:
     train: TrainSection = field(default_factory=TrainSection)
     retrain: RetrainSection = field(default_factory=RetrainSection)
     search: SearchSection = field(default_factory=SearchSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
     space: dict[str, Any] | None = None  # validated against the model by search_spaces.space
     budget: dict[str, Any] | None = None
+    nni: dict[str, Any] | None = None  # `mpnas nni` settings, validated by nas.nni_launcher
     source: str = "<memory>"
 
     @property
@@ -146,7 +188,8 @@ class ExperimentConfig:
         """Plain dict (the YAML it came from, with defaults filled in)."""
         return {"model": dict(self.model), "data": dataclasses.asdict(self.data),
                 "train": dataclasses.asdict(self.train), "retrain": dataclasses.asdict(self.retrain),
-                "search": dataclasses.asdict(self.search), "space": self.space, "budget": self.budget}
+                "search": dataclasses.asdict(self.search), "pipeline": dataclasses.asdict(self.pipeline),
+                "space": self.space, "budget": self.budget, "nni": self.nni}
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -166,6 +209,9 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is Any:
         return True
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     return isinstance(value, annotation)
 
 
@@ -195,8 +241,8 @@ def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
     """Validate a loaded YAML document into an :class:`ExperimentConfig`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with sections model, data, train, retrain, space, "
-                          "budget, search")
-    sections = {"model", "data", "train", "retrain", "space", "budget", "search"}
+                          "budget, search, pipeline, nni")
+    sections = {"model", "data", "train", "retrain", "space", "budget", "search", "pipeline", "nni"}
     for key in raw:
         if key not in sections:
             raise ConfigError(f"{source}: unknown section '{key}' (expected {', '.join(sorted(sections))})")
@@ -212,7 +258,8 @@ def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
     train = _build_section(TrainSection, raw.get("train"), source, "train")
     retrain = _build_section(RetrainSection, raw.get("retrain"), source, "retrain")
     search = _build_section(SearchSection, raw.get("search"), source, "search")
-    for key in ("space", "budget"):
+    pipeline = _build_section(PipelineSection, raw.get("pipeline"), source, "pipeline")
+    for key in ("space", "budget", "nni"):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ConfigError(f"{source}: section '{key}' must be a mapping, got {type(raw[key]).__name__}")
     positive = {"data.batch_size": data.batch_size, "data.bptt": data.bptt, "data.context": data.context,
@@ -225,7 +272,8 @@ def parse_config(raw: Any, source: str = "<memory>") -> ExperimentConfig:
         raise ConfigError(f"{source}: 'data.context' = {data.context} exceeds 'model.context' = "
                           f"{model_dict['context']}")
     return ExperimentConfig(model=model_dict, data=data, train=train, retrain=retrain, search=search,
-                            space=raw.get("space"), budget=raw.get("budget"), source=source)
+                            pipeline=pipeline, space=raw.get("space"), budget=raw.get("budget"),
+                            nni=raw.get("nni"), source=source)
 
 
 def resolve_config_path(name: str | Path) -> Path:

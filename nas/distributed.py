@@ -55,7 +55,15 @@ def resolve_device(name: str | None, info: DistInfo) -> torch.device:
     return device
 
 
-def shutdown(info: DistInfo) -> None:
-    """Leave the process group if this process joined one."""
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op for one process): files rank 0 wrote are then visible to all."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown(info: DistInfo) -> None:
+    """Leave the process group if this process joined one (after a barrier, so that no rank
+    goes on to read a file, e.g. ``best.pt``, that rank 0 is still writing)."""
+    if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

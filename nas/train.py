@@ -27,7 +27,7 @@ from evaluators.perplexity import perplexity
 from nas.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from nas.config import ExperimentConfig, TrainSection
 from nas.data import Corpus, iter_stream_chunks, stream_batches, window_batches
-from nas.distributed import DistInfo, dist_info_from_env, init_distributed, resolve_device, shutdown
+from nas.distributed import DistInfo, barrier, dist_info_from_env, init_distributed, resolve_device, shutdown
 from search_spaces.models import build_model, model_config_dict
 
 
@@ -50,6 +50,13 @@ class TrainingHooks:
 
     def before_step(self, model: nn.Module) -> None:
         """Called after backward, before gradient clipping and the optimizer step."""
+
+    def after_clip(self, model: nn.Module, loss_scale: float) -> None:
+        """Called after gradient clipping, before the optimizer step.
+
+        Gradients added here (ADMM's penalty) escape clipping, so a large constraint violation
+        cannot shrink the loss gradient; ``loss_scale`` is the factor the loss was multiplied by.
+        """
 
     def after_step(self, model: nn.Module, global_step: int) -> None:
         """Called after each optimizer step."""
@@ -249,6 +256,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
                     f"{exp.source}: training diverged at epoch {epoch + 1}, step {step + 1}: loss={loss}, "
                     f"gradient norm={float(norm)}, lr={lr:g}. Lower train.lr or set train.clip; the last "
                     f"good checkpoint is {ckpt_path}")
+            hooks.after_clip(model, float(scale))
             optimizer.step()
             hooks.after_step(model, global_step)
             if recurrent:
@@ -293,6 +301,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
                 save_checkpoint(best_path, {"model": state_for_best, "config": model_config_dict(model),
                                             "vocab": list(corpus.vocab.words), "valid_ppl": valid_ppl,
                                             "epoch": epoch + 1})
+        barrier(info)  # every rank reloads best.pt at the end: it must be complete
         save(Position(epoch + 1, 0, global_step), None)
         if stop_after_steps is not None and steps_this_call >= stop_after_steps and epoch + 1 < cfg.epochs:
             return {"stopped_early": True, "position": Position(epoch + 1, 0, global_step).__dict__}

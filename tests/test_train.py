@@ -103,3 +103,22 @@ def test_torchrun_ddp_matches_single_process(raw: dict, tiny_corpus_dir: Path, t
         # gloo sums gradients in another order: equal up to float32 rounding over ~100 steps
         torch.testing.assert_close(multi["model"][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
     assert multi["history"][0]["valid_ppl"] == pytest.approx(single["history"][0]["valid_ppl"], rel=1e-4)
+
+
+def test_torchrun_retrain_reads_best_only_when_written(tiny_corpus_dir: Path, tmp_path: Path) -> None:
+    """Regression: non-main ranks reloaded best.pt before rank 0 had written it (1 run in 3 failed)."""
+    raw = {**LSTM, "model": {**LSTM["model"], "dropout": 0.0}, "train": {**LSTM["train"], "epochs": 1},
+           "retrain": {"optimizer": "sgd", "lr": 0.1, "schedule": "constant", "epochs": 2, "project_every": 5}}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPNAS_DATA": str(tiny_corpus_dir)}
+    subprocess.run([sys.executable, "-m", "nas.cli", "train", str(config), "--no-progress", "--out",
+                    str(tmp_path / "fp")], env=env, check=True, capture_output=True, timeout=300)
+    for attempt in range(2):
+        out = tmp_path / f"rt{attempt}"
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "nas.cli", "retrain", str(config), "--precision", "uniform:2", "--checkpoint",
+                               str(tmp_path / "fp" / "best.pt"), "--out", str(out), "--no-progress"],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (out / "best.pt").is_file() and (out / "metrics.json").is_file()
