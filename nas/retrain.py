@@ -14,11 +14,12 @@ from typing import Any
 from torch import nn
 
 from evaluators.size import model_size
-from nas.admm import AdmmHooks, SteHooks
-from nas.checkpoint import atomic_write_json, load_checkpoint
+from nas.admm import AdmmHooks, SteHooks, _QuantizedClusters
+from nas.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from nas.config import ExperimentConfig, RetrainSection
 from nas.data import Corpus
-from nas.train import TrainingHooks, train
+from nas.distributed import dist_info_from_env, resolve_device
+from nas.train import TrainingHooks, _evaluate, train
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
 
@@ -56,6 +57,30 @@ def make_hooks(cfg: RetrainSection, precision: PrecisionMap, method: str) -> Any
     return build
 
 
+def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt: dict[str, Any],
+                                    precision: PrecisionMap, out_dir: Path, metrics: dict[str, Any],
+                                    device: str | None) -> dict[str, Any]:
+    """Best-on-valid includes the starting point: the FP weights projected onto the map.
+
+    At 8 bits the projection alone is almost lossless, and a short retraining at a large
+    learning rate can only move the weights away from the FP optimum; the best checkpoint
+    must then be the projected start, as it would be had the loop validated at step 0.
+    """
+    dev = resolve_device(device, dist_info_from_env())
+    config = dict(ckpt["config"])
+    start = build_model(config.pop("type"), **config)
+    start.load_state_dict(ckpt["model"])
+    start.to(dev)
+    _QuantizedClusters(start, precision).hard_project_(start)
+    valid = _evaluate(start, exp, corpus, "valid", dev)
+    metrics = {**metrics, "start_valid_ppl": valid, "kept_start": False}
+    if valid < metrics["valid_ppl"]:
+        metrics.update(valid_ppl=valid, test_ppl=_evaluate(start, exp, corpus, "test", dev), kept_start=True)
+        save_checkpoint(out_dir / "best.pt", {"model": start.state_dict(), "config": ckpt["config"],
+                                              "vocab": list(corpus.vocab.words), "valid_ppl": valid, "epoch": 0})
+    return metrics
+
+
 def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, precision: PrecisionMap,
             out_dir: str | Path, *, method: str | None = None, device: str | None = "cpu", resume: bool = False,
             progress: bool = True, checkpoint_every: int = 0, stop_after_steps: int | None = None
@@ -86,6 +111,9 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
                         train_cfg=short, initial_state=tuned["model"], make_hooks=make_hooks(cfg, precision, "ste"))
         for name in ("best.pt", "metrics.json"):
             (out_dir / "ste_finetune" / name).replace(out_dir / name)
+    if not dist_info_from_env().is_main:
+        return metrics  # rank 0 alone finishes the run folder (the process group is gone)
+    metrics = _keep_projected_start_if_better(exp, corpus, ckpt, precision, out_dir, metrics, device)
     final = load_checkpoint(out_dir / "best.pt")
     probe.load_state_dict(final["model"])
     metrics.update({"method": method, "precision": dict(precision.bits), **model_size(probe, precision)})

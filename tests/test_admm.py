@@ -157,3 +157,20 @@ def test_admm_pull_escapes_gradient_clipping(fp_run: tuple[Path, Path], tmp_path
     metrics = retrain(exp, load_corpus(corpus_dir), fp, precision, tmp_path / "clipped", progress=False)
     primal = [r["primal"] for r in metrics["admm_residuals"]]
     assert primal[-1] < 0.5 * primal[0], primal
+
+
+def test_retrain_keeps_the_projected_start_when_training_hurts(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """Best-on-valid includes step 0: a harmful retraining returns the projected FP weights."""
+    corpus_dir, fp = fp_run
+    precision = PrecisionMap.uniform(_model_from(fp), 8)
+    harmful = parse_config({**EXP, "retrain": {**EXP["retrain"], "optimizer": "sgd", "lr": 50.0, "clip": 0.0,
+                                               "epochs": 1}})
+    metrics = retrain(harmful, load_corpus(corpus_dir), fp, precision, tmp_path / "rt", method="ste",
+                      progress=False)
+    assert metrics["kept_start"] and metrics["valid_ppl"] == pytest.approx(metrics["start_valid_ppl"])
+    start = _model_from(fp)
+    from nas.admm import _QuantizedClusters
+
+    _QuantizedClusters(start, precision).hard_project_(start)
+    saved = load_checkpoint(tmp_path / "rt" / "best.pt")["model"]
+    assert all(torch.equal(saved[k], v) for k, v in start.state_dict().items())
