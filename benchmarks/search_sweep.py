@@ -1,0 +1,113 @@
+"""Mixed-precision search sweep on PTB: every strategy x budget, each map retrained with one budget.
+
+    MPNAS_DATA=../shared/data/ptb .venv/bin/python benchmarks/search_sweep.py --model lstm \\
+        --budgets 1.5 2 3 4 --strategies uniform random kl hessian gumbel \\
+        --retrain-steps 800 --gumbel-epochs 0.5 --threads 1
+
+It runs ``mpnas pipeline`` (nas/pipeline.py) from ``benchmarks/checkpoints/<model>/best.pt``
+into ``benchmarks/runs/<model>_search/`` (resumable: rerun the command after an interruption),
+with candidates 1, 2, 4, 8 (the config's ``space``), every map retrained with the config's
+``retrain`` section (ADMM) capped at ``--retrain-steps`` steps. Then it writes
+``benchmarks/results/search.csv`` (columns
+``model,strategy,budget_bits,avg_bits,compression,valid_ppl,test_ppl,search_s,search_fp_epochs``)
+and copies the run's report plots to ``benchmarks/<model>_pareto.png`` / ``<model>_bits.png``.
+
+``search_fp_epochs`` = search seconds / seconds of one FP training epoch, the latter measured in
+this process (median step time of FP training on the same batches x steps per epoch). The kl and
+hessian score tables are computed once and reused across budgets; their cost is charged to
+every budget (the pipeline records the original scoring time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import shutil
+import statistics
+from pathlib import Path
+
+import torch
+from step_time import time_hooks  # benchmarks/ is on sys.path when this script runs
+
+from nas.checkpoint import atomic_write_text
+from nas.config import load_config
+from nas.data import load_corpus, resolve_data_dir
+from nas.distributed import DistInfo
+from nas.pipeline import run_pipeline
+from nas.retrain import load_fp_checkpoint
+from nas.train import TrainingHooks, epoch_batches
+from search_spaces.models import build_model
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = {"lstm": "ptb_lstm", "transformer": "ptb_transformer"}
+COLUMNS = ["model", "strategy", "budget_bits", "avg_bits", "compression", "valid_ppl", "test_ppl", "search_s",
+           "search_fp_epochs"]
+
+
+def fp_epoch_seconds(exp: object, corpus: object, ckpt: dict, steps: int = 30) -> float:
+    """Seconds of one FP training epoch: median step time on real batches x steps per epoch."""
+    recurrent = exp.model_type == "lstm"
+    all_batches = epoch_batches(exp, corpus, 0, DistInfo(), recurrent=recurrent)
+    config = dict(ckpt["config"])
+    model = build_model(config.pop("type"), **config)
+    model.load_state_dict(ckpt["model"])
+    times = time_hooks(model, TrainingHooks(), all_batches[: steps + 5])[5:]
+    return statistics.median(times) * len(all_batches)
+
+
+def write_csv(path: Path, model: str, rows: list[dict], fp_epoch_s: float) -> None:
+    """Replace this model's rows in search.csv, atomically."""
+    kept = [r for r in csv.DictReader(path.open())] if path.is_file() else []
+    kept = [r for r in kept if r["model"] != model]
+    for row in rows:
+        if row["strategy"] == "fp":
+            continue
+        search_s = row.get("search_s")
+        kept.append({"model": model, "strategy": row["strategy"], "budget_bits": f"{row['budget']:g}",
+                     "avg_bits": f"{row['avg_bits']:.3f}", "compression": f"{row['compression']:.2f}",
+                     "valid_ppl": f"{row['valid_ppl']:.2f}", "test_ppl": f"{row['test_ppl']:.2f}",
+                     "search_s": "" if search_s is None else f"{search_s:.1f}",
+                     "search_fp_epochs": "" if search_s is None else f"{search_s / fp_epoch_s:.3f}"})
+    kept.sort(key=lambda r: (r["model"], float(r["budget_bits"]), r["strategy"]))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[1.5, 2.0, 3.0, 4.0])
+    parser.add_argument("--strategies", nargs="+", default=["uniform", "random", "kl", "hessian", "gumbel"])
+    parser.add_argument("--retrain-steps", type=int, default=800, help="cap on retraining steps (every map)")
+    parser.add_argument("--gumbel-epochs", type=float, default=0.5, help="supernet epochs per budget")
+    parser.add_argument("--out", help="run folder (default benchmarks/runs/<model>_search)")
+    parser.add_argument("--data")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    exp = load_config(CONFIGS[args.model])
+    exp = dataclasses.replace(
+        exp, retrain=dataclasses.replace(exp.retrain, epochs=1, max_steps_per_epoch=args.retrain_steps),
+        search=dataclasses.replace(exp.search, epochs=args.gumbel_epochs))
+    out = Path(args.out) if args.out else HERE / "runs" / f"{args.model}_search"
+    fp_path = HERE / "checkpoints" / args.model / "best.pt"
+    rows = run_pipeline(exp, out, data=args.data, checkpoint=fp_path, strategies=args.strategies,
+                        budgets=args.budgets, include_uniform=False)
+    corpus = load_corpus(resolve_data_dir(args.data))
+    fp_epoch_s = fp_epoch_seconds(exp, corpus, load_fp_checkpoint(fp_path, corpus))
+    print(f"FP epoch: {fp_epoch_s:.0f} s (median step x steps per epoch, measured now)", flush=True)
+    write_csv(HERE / "results" / "search.csv", f"ptb_{args.model}", rows, fp_epoch_s)
+    for name in ("pareto.png", "bits.png"):
+        source = out / "report" / name
+        if source.is_file():
+            shutil.copyfile(source, HERE / f"{args.model}_{name}")
+    print(f"wrote {HERE / 'results' / 'search.csv'} and {HERE / f'{args.model}_pareto.png'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
