@@ -1,4 +1,4 @@
-"""CUDA smoke check: a few training steps on the GPU and the LSTM's double backward there.
+"""CUDA smoke check: training steps, the LSTM's double backward, a gumbel search epoch and Hessian traces.
 
     python benchmarks/gpu_check.py [--steps 20] [--device cpu]
 
@@ -62,6 +62,55 @@ def lstm_double_backward(device: torch.device) -> float:
     return total
 
 
+def gumbel_epoch(kind: str, device: torch.device) -> tuple[float, float, float]:
+    """One supernet epoch (nas/gumbel.py) of a small model on random tokens.
+
+    Returns (expected average bits at the end, the budget, seconds). Checks the exported map's
+    average bits are within the budget.
+    """
+    from nas.gumbel import GumbelSettings, gumbel_search
+    from search_spaces.precision import find_clusters
+
+    torch.manual_seed(0)
+    kwargs = ({"vocab_size": 500, "embed_dim": 64, "hidden_dim": 64} if kind == "lstm" else
+              {"vocab_size": 500, "d_model": 64, "num_heads": 4, "d_ff": 256, "context": 32})
+    model = build_model(kind, **kwargs)
+    clusters = find_clusters(model)
+    candidates = {name: (1, 2, 4, 8) for name in clusters}
+    total = sum(c.numel for c in clusters.values())
+    tokens = torch.randint(0, 500, (40_000,))
+    start = time.perf_counter()
+    precision = gumbel_search(model, candidates, tokens, max_weight_bits=2.0 * total,
+                              settings=GumbelSettings(epochs=1.0), batch_size=16, length=32, device=device)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    used = sum(precision.bits[n] * clusters[n].numel for n in clusters) / total
+    if used > 2.0 + 1e-9:
+        raise RuntimeError(f"gumbel on {device}: exported map uses {used:.3f} average bits > budget 2")
+    if next(model.parameters()).device.type != device.type:
+        raise RuntimeError(f"gumbel search did not run on {device}")
+    return used, 2.0, seconds
+
+
+def hessian_traces(device: torch.device) -> tuple[int, float, float]:
+    """Hutchinson traces of every cluster of a small LSTM LM; returns (clusters, max |trace|, seconds)."""
+    from nas.sensitivity import hutchinson_traces
+    from search_spaces.precision import find_clusters
+
+    torch.manual_seed(0)
+    model = build_model("lstm", vocab_size=300, embed_dim=32, hidden_dim=32).to(device)
+    tokens = torch.randint(0, 300, (8, 21), device=device)
+    names = list(find_clusters(model))
+    start = time.perf_counter()
+    traces = hutchinson_traces(model, names, lambda m: m(tokens[:, :-1], None, tokens[:, 1:]).loss,
+                               max_iters=30, tol=1e-2, seed=0)
+    _sync(device)
+    values = [float(t.trace) for t in traces.values()]
+    if len(values) != len(names) or not all(torch.isfinite(torch.tensor(values))):
+        raise RuntimeError(f"Hessian traces on {device}: missing or non-finite values {values}")
+    return len(values), max(abs(v) for v in values), time.perf_counter() - start
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
@@ -82,6 +131,12 @@ def main() -> int:
               f"{seconds * 1e3:.1f} ms/step")
     total = lstm_double_backward(device)
     print(f"OK  lstm double backward on {device}: sum |Hv| = {total:.4g}")
+    for kind in ("lstm", "transformer"):
+        used, budget, seconds = gumbel_epoch(kind, device)
+        print(f"OK  gumbel search epoch {kind} on {device}: exported {used:.3f} average bits (budget {budget:g}), "
+              f"{seconds:.1f} s")
+    count, largest, seconds = hessian_traces(device)
+    print(f"OK  hessian traces on {device}: {count} clusters, max |trace| {largest:.4g}, {seconds:.1f} s")
     return 1 if failed else 0
 
 

@@ -2,7 +2,8 @@
 
     python benchmarks/wer_rescoring.py --model benchmarks/checkpoints/lstm/best.pt --name ptb_lstm_fp --threads 1
     python benchmarks/wer_rescoring.py --model runs/lstm_admm/model.mpq --name ptb_lstm_mp \\
-        --vocab benchmarks/checkpoints/lstm/best.pt --compare benchmarks/checkpoints/lstm/best.pt --threads 1
+        --vocab benchmarks/checkpoints/lstm/best.pt --compare benchmarks/checkpoints/lstm/best.pt --threads 1 \\
+        [--extra runs/lstm_admm/best.pt=ptb_lstm_mp_fakequant]
 
 ``--nbest`` defaults to ``../shared/data/nbest/hyporadise/test_wsj_score.json``; the first
 503 lists (dev93) tune ``lm_weight`` and ``ins_penalty`` (grids of
@@ -83,6 +84,9 @@ def main() -> None:
     parser.add_argument("--name", help="model column (default: the model's folder name)")
     parser.add_argument("--compare", type=Path, help="reference (FP) model for the MAPSSWE p-value")
     parser.add_argument("--compare-name", default="fp", help="model column of the --compare rows (default fp)")
+    parser.add_argument("--extra", action="append", default=[], metavar="PATH=NAME",
+                        help="another model scored in the same run (e.g. the packed file of --model), so that "
+                             "hyps_per_s compares within one run; repeatable")
     parser.add_argument("--vocab", help="vocabulary for packed files (best.pt with 'vocab' or a word list)")
     parser.add_argument("--dev-count", type=int, default=WSJ_DEV93_COUNT)
     parser.add_argument("--limit", type=int, help="use only the first N lists (a quick try)")
@@ -113,6 +117,18 @@ def main() -> None:
             p_values[part] = compare_chosen(lists[part_slice], result["lm"]["chosen"][part_slice],
                                             reference["lm"]["chosen"][part_slice], normalizer=normalizer).p_value
     rows += system_rows(name, result["lm"], result["hyps_per_s"], p_values)
+    for spec in args.extra:
+        path, _, extra_name = spec.partition("=")
+        if not extra_name:
+            parser.error(f"--extra {spec!r}: expected PATH=NAME")
+        extra_model, extra_vocab = load_lm(Path(path), _load_any_model, args.vocab, args.device)
+        extra = evaluate_nbest(extra_model, extra_vocab, lists, **options)
+        extra_p = None
+        if args.compare is not None:
+            extra_p = {part: compare_chosen(lists[part_slice], extra["lm"]["chosen"][part_slice],
+                                            reference["lm"]["chosen"][part_slice], normalizer=normalizer).p_value
+                       for part, part_slice in (("dev", slice(0, n_dev)), ("test", slice(n_dev, None)))}
+        rows += system_rows(extra_name, extra["lm"], extra["hyps_per_s"], extra_p)
     write_rows(args.results, rows)
     print(f"{len(lists)} lists ({n_dev} dev), {100 * result['unk_rate']:.2f}% <unk> words; wrote {args.results}")
     for row in rows:
