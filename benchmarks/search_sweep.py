@@ -11,6 +11,8 @@ with candidates 1, 2, 4, 8 (the config's ``space``), every map retrained with th
 ``benchmarks/results/search.csv`` (columns
 ``model,strategy,budget_bits,avg_bits,compression,valid_ppl,test_ppl,search_s,search_fp_epochs``)
 and copies the run's report plots to ``benchmarks/<model>_pareto.png`` / ``<model>_bits.png``.
+To use both cores, split the strategies over two run folders (``--out``, ``--no-copy-plots``)
+and draw one report with ``mpnas report RUN_A RUN_B --out DIR``.
 
 ``search_fp_epochs`` = search seconds / seconds of one FP training epoch, the latter measured in
 this process (median step time of FP training on the same batches x steps per epoch). The kl and
@@ -58,9 +60,14 @@ def fp_epoch_seconds(exp: object, corpus: object, ckpt: dict, steps: int = 30) -
 
 
 def write_csv(path: Path, model: str, rows: list[dict], fp_epoch_s: float) -> None:
-    """Replace this model's rows in search.csv, atomically."""
+    """Replace this model's rows of the strategies in ``rows`` in search.csv, atomically.
+
+    Rows of other strategies stay, so that runs split by strategy (two processes, two run
+    folders) fill one file.
+    """
     kept = [r for r in csv.DictReader(path.open())] if path.is_file() else []
-    kept = [r for r in kept if r["model"] != model]
+    strategies = {row["strategy"] for row in rows}
+    kept = [r for r in kept if r["model"] != model or r["strategy"] not in strategies]
     for row in rows:
         if row["strategy"] == "fp":
             continue
@@ -88,6 +95,8 @@ def main() -> None:
     parser.add_argument("--out", help="run folder (default benchmarks/runs/<model>_search)")
     parser.add_argument("--data")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-copy-plots", dest="copy_plots", action="store_false",
+                        help="do not copy the run's plots to benchmarks/ (split runs: use mpnas report A B)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     exp = load_config(CONFIGS[args.model])
@@ -102,11 +111,12 @@ def main() -> None:
     fp_epoch_s = fp_epoch_seconds(exp, corpus, load_fp_checkpoint(fp_path, corpus))
     print(f"FP epoch: {fp_epoch_s:.0f} s (median step x steps per epoch, measured now)", flush=True)
     write_csv(HERE / "results" / "search.csv", f"ptb_{args.model}", rows, fp_epoch_s)
-    for name in ("pareto.png", "bits.png"):
-        source = out / "report" / name
-        if source.is_file():
-            shutil.copyfile(source, HERE / f"{args.model}_{name}")
-    print(f"wrote {HERE / 'results' / 'search.csv'} and {HERE / f'{args.model}_pareto.png'}", flush=True)
+    if args.copy_plots:
+        for name in ("pareto.png", "bits.png"):
+            source = out / "report" / name
+            if source.is_file():
+                shutil.copyfile(source, HERE / f"{args.model}_{name}")
+    print(f"wrote {HERE / 'results' / 'search.csv'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,8 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
         for name in ("best.pt", "metrics.json"):
             (out_dir / "ste_finetune" / name).replace(out_dir / name)
     if not dist_info_from_env().is_main:
-        return metrics  # rank 0 alone finishes the run folder (the process group is gone)
+        # rank 0 alone finishes the run folder (the process group is gone); sizes need only shapes
+        return {**metrics, "method": method, "precision": dict(precision.bits), **model_size(probe, precision)}
     metrics = _keep_projected_start_if_better(exp, corpus, ckpt, precision, out_dir, metrics, device)
     final = load_checkpoint(out_dir / "best.pt")
     probe.load_state_dict(final["model"])
