@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--strategies", nargs="+", default=["uniform", "random", "kl", "hessian", "gumbel"])
     parser.add_argument("--retrain-steps", type=int, default=800, help="cap on retraining steps (every map)")
+    parser.add_argument("--retrain-method", choices=["admm", "ste"], default=None,
+                        help="override the config's retrain.method for every map")
     parser.add_argument("--gumbel-epochs", type=float, default=0.5, help="supernet epochs per budget")
     parser.add_argument("--out", help="run folder (default benchmarks/runs/<model>_search)")
     parser.add_argument("--data")
@@ -106,7 +108,7 @@ def main() -> None:
     out = Path(args.out) if args.out else HERE / "runs" / f"{args.model}_search"
     fp_path = HERE / "checkpoints" / args.model / "best.pt"
     rows = run_pipeline(exp, out, data=args.data, checkpoint=fp_path, strategies=args.strategies,
-                        budgets=args.budgets, include_uniform=False)
+                        budgets=args.budgets, include_uniform=False, retrain_method=args.retrain_method)
     corpus = load_corpus(resolve_data_dir(args.data))
     fp_epoch_s = fp_epoch_seconds(exp, corpus, load_fp_checkpoint(fp_path, corpus))
     print(f"FP epoch: {fp_epoch_s:.0f} s (median step x steps per epoch, measured now)", flush=True)
