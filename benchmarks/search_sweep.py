@@ -37,7 +37,7 @@ from nas.checkpoint import atomic_write_text
 from nas.config import load_config
 from nas.data import load_corpus, resolve_data_dir
 from nas.distributed import DistInfo
-from nas.pipeline import run_pipeline
+from nas.pipeline import read_rows, run_pipeline
 from nas.retrain import load_fp_checkpoint
 from nas.train import TrainingHooks, epoch_batches
 from search_spaces.models import build_model
@@ -60,14 +60,14 @@ def fp_epoch_seconds(exp: object, corpus: object, ckpt: dict, steps: int = 30) -
 
 
 def write_csv(path: Path, model: str, rows: list[dict], fp_epoch_s: float) -> None:
-    """Replace this model's rows of the strategies in ``rows`` in search.csv, atomically.
+    """Replace this model's rows of the (strategy, budget) points in ``rows`` in search.csv, atomically.
 
     Rows of other strategies stay, so that runs split by strategy (two processes, two run
     folders) fill one file.
     """
     kept = [r for r in csv.DictReader(path.open())] if path.is_file() else []
-    strategies = {row["strategy"] for row in rows}
-    kept = [r for r in kept if r["model"] != model or r["strategy"] not in strategies]
+    points = {(row["strategy"], f"{row['budget']:g}") for row in rows if row["strategy"] != "fp"}
+    kept = [r for r in kept if r["model"] != model or (r["strategy"], r["budget_bits"]) not in points]
     for row in rows:
         if row["strategy"] == "fp":
             continue
@@ -97,6 +97,10 @@ def main() -> None:
     parser.add_argument("--out", help="run folder (default benchmarks/runs/<model>_search)")
     parser.add_argument("--data")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-prune", dest="prune", action="store_false",
+                        help="keep rows of points not in this call's grid (several calls fill one run folder)")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="do not run anything: write search.csv from the run folder's finished rows")
     parser.add_argument("--no-copy-plots", dest="copy_plots", action="store_false",
                         help="do not copy the run's plots to benchmarks/ (split runs: use mpnas report A B)")
     args = parser.parse_args()
@@ -107,8 +111,12 @@ def main() -> None:
         search=dataclasses.replace(exp.search, epochs=args.gumbel_epochs))
     out = Path(args.out) if args.out else HERE / "runs" / f"{args.model}_search"
     fp_path = HERE / "checkpoints" / args.model / "best.pt"
-    rows = run_pipeline(exp, out, data=args.data, checkpoint=fp_path, strategies=args.strategies,
-                        budgets=args.budgets, include_uniform=False, retrain_method=args.retrain_method)
+    if args.collect_only:
+        rows = read_rows(out)
+    else:
+        rows = run_pipeline(exp, out, data=args.data, checkpoint=fp_path, strategies=args.strategies,
+                            budgets=args.budgets, include_uniform=False, retrain_method=args.retrain_method,
+                            prune=args.prune)
     corpus = load_corpus(resolve_data_dir(args.data))
     fp_epoch_s = fp_epoch_seconds(exp, corpus, load_fp_checkpoint(fp_path, corpus))
     print(f"FP epoch: {fp_epoch_s:.0f} s (median step x steps per epoch, measured now)", flush=True)
