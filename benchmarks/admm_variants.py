@@ -35,38 +35,25 @@ from nas.retrain import load_fp_checkpoint
 from nas.train import TrainingHooks, train
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
-from search_spaces.quant import quantize_codes, solve_scale
 
 RETRAIN_KEYS = ("lr", "rho", "rho_growth", "rho_max", "project_every", "clip")
 
 
 class HybridHooks(AdmmHooks):
-    """ADMM with a straight-through theta step: forward on Q(W), pull added after clipping."""
+    """ADMM with a straight-through theta step: forward on Q(W) (STE's weight swap), pull added after clipping."""
 
     def __init__(self, model: nn.Module, precision: PrecisionMap, **kwargs: Any) -> None:
         super().__init__(model, precision, **kwargs)
-        self.alpha: dict[str, torch.Tensor] = {}
-        self.latent: dict[str, torch.Tensor] = {}
-        self.steps = 0
+        self.ste = SteHooks(model, precision, rescale_every=self.project_every)
 
-    @torch.no_grad()
     def before_forward(self, model: nn.Module) -> None:
-        views = self.q.views(model)
-        if self.steps % self.project_every == 0 or not self.alpha:
-            self.alpha = {n: solve_scale(v, self.q.bits(n), self.q.precision.granularity) for n, v in views.items()}
-        self.latent = {n: v.detach().clone() for n, v in views.items()}
-        for name, view in views.items():
-            alpha = self.alpha[name]
-            view.copy_(quantize_codes(view, self.q.bits(name), alpha).to(view.dtype) * alpha.to(view.dtype))
+        self.ste.before_forward(model)
 
-    @torch.no_grad()
     def before_step(self, model: nn.Module) -> None:
-        for name, view in self.q.views(model).items():
-            view.copy_(self.latent[name])
-        self.latent = {}
+        self.ste.before_step(model)
 
     def after_step(self, model: nn.Module, global_step: int) -> None:
-        self.steps += 1
+        self.ste.after_step(model, global_step)
         super().after_step(model, global_step)
 
 

@@ -16,7 +16,7 @@ Its run folder ``<spec.out>/<trial_id>/`` is what ``mpnas report`` reads:
 
 Both add ``nni_trial.json``: trial id, parameters, final result. Failures raise (the trial is
 FAILED and its traceback is in NNI's ``trial.stderr``); a diverged training run is a result
-(objective :data:`nas.nni_launcher.DIVERGED_OBJECTIVE`), not a failure.
+(objective :data:`nas.nni_space.DIVERGED_OBJECTIVE`), not a failure.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from nas.nni_launcher import SPEC_VERSION, config_budget, final_result, hparam_target, objective
+from nas.nni_space import SPEC_VERSION, config_budget, final_result, hparam_target, objective
 
 DIVERGED_MARK = "training diverged"  # in every TrainingDivergedError message (nas/train.py)
 

@@ -32,20 +32,22 @@ from evaluators.report import parse_row
 from nas.cli import main
 from nas.config import ConfigError, parse_config
 from nas.nni_launcher import (
-    DEFAULT_GUMBEL_SPACE,
-    DIVERGED_OBJECTIVE,
     PROJECT_ROOT,
-    NniSettings,
-    bits_space,
     collect_results,
-    default_hparams_space,
     experiment_dict,
-    hparams_space,
-    load_settings,
-    objective,
     trial_failure_text,
     tuner_config,
     tuner_error,
+)
+from nas.nni_space import (
+    DEFAULT_GUMBEL_SPACE,
+    DIVERGED_OBJECTIVE,
+    NniSettings,
+    bits_space,
+    default_hparams_space,
+    hparams_space,
+    load_settings,
+    objective,
 )
 from nas.nni_trial import derive_config, pick_row
 from tests.synthetic import write_synthetic_corpus
@@ -89,7 +91,7 @@ def _config(tmp_path: Path, **sections: Any) -> Path:
 
 
 def test_importing_the_cli_does_not_import_nni() -> None:
-    code = ("import sys, nas.cli, nas.nni_launcher, nas.nni_trial; "
+    code = ("import sys, nas.cli, nas.nni_launcher, nas.nni_space, nas.nni_trial; "
             "bad = sorted(m for m in sys.modules if m == 'nni' or m.startswith('nni.')); "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
@@ -164,7 +166,7 @@ def test_bad_hparams_space_names_the_key(space: dict[str, Any], message: str) ->
 
 
 def test_bits_space_is_the_search_space_in_nni_form(fp: dict[str, Path]) -> None:
-    from nas.nni_launcher import model_from_checkpoint
+    from nas.nni_space import model_from_checkpoint
     from search_spaces.space import SearchSpace
 
     exp = parse_config({**TINY, "space": {"bits": [1, 2, 4], "keep_fp": ["decoder"],
