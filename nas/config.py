@@ -105,6 +105,7 @@ class SearchSection:
     bilevel: bool = True
     arch_fraction: float = 0.1
     rescale_every: int = 50
+    fill_budget: bool = True  # export spends the bits the argmax leaves unused (nas/gumbel.py)
     # kl: tokens of the held-out slice (the start of the valid split)
     kl_tokens: int = 10000
     # hessian: batches of the loss, probe type, stopping rule

@@ -18,10 +18,24 @@ supernet is too big and turns negative (rewarding bits) while it is too small, s
 penalty weight needs hand tuning. The multiplier applied is ``lam + lambda_kp * (E / cap - 1)``
 (a PI controller): with Adam on the logits only the sign of the size force matters once the
 cross-entropy signal is weak, and the integral term alone overshoots and oscillates around the
-budget; the proportional term flips the force as soon as the budget is crossed.
+budget; the proportional term flips the force as soon as the budget is crossed. Anti-windup:
+while ``tau`` is high, ``softmax(a / tau)`` is near uniform and the expected bits sit far above
+the budget whatever the logits, so the integral winds up; it used to unwind so slowly that the
+size force still pushed down at the end, below the budget (PTB LSTM: expected bits at 0.93 of a
+2.0 budget, argmax map at 1.64 bits). The integral is therefore reset when the budget is
+crossed (it never keeps pushing the way the size already went too far).
 
-Export: the argmax map when it meets the budget; otherwise the repair step picks the map of
-highest probability that meets it, exactly (multiple-choice knapsack on ``-log softmax(a)``).
+Export (``budgeted_argmax``): the argmax map when it spends the budget; otherwise a documented
+repair step, exact in both directions:
+
+- *shrink*, argmax over the budget: the map of highest probability within the budget
+  (multiple-choice knapsack on ``-log p``);
+- *fill*, the map (argmax or shrunk) uses less than 99% of the budget (a residual undershoot
+  of the controller, or the most probable map within a budget lying far below it because
+  clusters are coarse). Fill maximizes ``sum_c log p_c(b_c) + mu * numel_c * b_c`` within the
+  budget (exact knapsack) with the smallest bits reward ``mu`` that reaches 99% of the budget
+  (bisection; the knapsack's size grows with ``mu``), or the fullest reachable map. Clusters
+  whose wider bit-widths kept the most probability per bit are upgraded first.
 """
 
 from __future__ import annotations
@@ -58,6 +72,7 @@ class GumbelSettings:
     arch_fraction: float = 0.1  # tail of the train split held out for the logits
     rescale_every: int = 50  # steps between scale re-solves
     clip: float = 5.0
+    fill_budget: bool = True  # export: spend bits the argmax leaves unused (see the module docstring)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -197,17 +212,95 @@ class GumbelSupernet(nn.Module):
         """The wrapped model's forward on the composite weights."""
         return functional_call(self.model, self.mixed_weights(tau, generator), (tokens, state, targets))
 
-    def export(self, max_weight_bits: float | None) -> tuple[dict[str, int], bool]:
-        """Argmax bits per cluster, repaired to meet ``max_weight_bits``; returns (bits, repaired)."""
-        probs = self.probabilities()
-        chosen = {name: max(p, key=lambda b: (p[b], -b)) for name, p in probs.items()}
-        sizes = {name: self.clusters[name].numel for name in chosen}
-        if max_weight_bits is None or sum(chosen[n] * sizes[n] for n in chosen) <= max_weight_bits:
-            return chosen, False
-        from nas.allocate import allocate  # the repair path only
+    def export(self, max_weight_bits: float | None, fill: bool = True) -> tuple[dict[str, int], str]:
+        """Bits per cluster from the logits, repaired to spend ``max_weight_bits``; see ``budgeted_argmax``."""
+        sizes = {name: self.clusters[name].numel for name in self.candidates}
+        return budgeted_argmax(self.probabilities(), sizes, max_weight_bits, fill=fill)
 
-        scores = {name: {b: -math.log(max(pb, 1e-12)) for b, pb in p.items()} for name, p in probs.items()}
-        return allocate(scores, sizes, max_weight_bits), True
+
+def _log_probs(probs: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
+    return {name: {b: math.log(max(pb, 1e-12)) for b, pb in p.items()} for name, p in probs.items()}
+
+
+def _weight_bits(bits: Mapping[str, int], sizes: Mapping[str, int]) -> int:
+    return sum(bits[name] * sizes[name] for name in bits)
+
+
+def rewarded_allocation(logp: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int],
+                        max_weight_bits: float, mu: float) -> dict[str, int]:
+    """The map within the budget maximizing ``sum_c log p_c(b_c) + mu * numel_c * b_c`` (exact knapsack).
+
+    Its size never shrinks as ``mu`` grows: ``mu = 0`` is the most probable map within the
+    budget, a large ``mu`` the fullest one.
+    """
+    from nas.allocate import allocate  # the repair paths only
+
+    scores = {n: {b: -(v + mu * sizes[n] * b) for b, v in lp.items()} for n, lp in logp.items()}
+    return allocate(scores, sizes, max_weight_bits)
+
+
+def fill_reward(logp: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int], max_weight_bits: float,
+                target_bits: float) -> float:
+    """Smallest bits reward ``mu`` whose ``rewarded_allocation`` uses at least ``target_bits`` (bisection).
+
+    ``target_bits`` must be reachable within the budget (at most the fullest map's size).
+    """
+    # high: one weight bit more outweighs any log-probability difference between maps (sizes
+    # are integers), so the fullest map wins.
+    low, high = 0.0, 2.0 * _spread(logp) + 1.0
+    for _ in range(64):
+        mid = 0.5 * (low + high)
+        if _weight_bits(rewarded_allocation(logp, sizes, max_weight_bits, mid), sizes) >= target_bits:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def budgeted_argmax(probs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int],
+                    max_weight_bits: float | None, *, fill: bool = True, fill_to: float = 0.99
+                    ) -> tuple[dict[str, int], str]:
+    """The exported map: argmax of ``probs`` per cluster, repaired to spend the budget.
+
+    Returns ``(bits, repair)``, ``repair`` one of ``"none"`` (the argmax uses between
+    ``fill_to`` and 100% of the budget, or no budget is given), ``"shrink"`` (the argmax was over
+    the budget; the most probable map within it is taken, and it uses at least ``fill_to``) or
+    ``"fill"`` (a bits reward was needed to reach ``fill_to`` of the budget, or the fullest
+    reachable map when clusters are too coarse for that). Never exceeds ``max_weight_bits``.
+    See the module docstring for the method.
+    """
+    logp = _log_probs(probs)
+    chosen = {name: max(p, key=lambda b: (p[b], -b)) for name, p in probs.items()}
+    if max_weight_bits is None:
+        return chosen, "none"
+    over = _weight_bits(chosen, sizes) > max_weight_bits
+    if over:
+        chosen = rewarded_allocation(logp, sizes, max_weight_bits, 0.0)
+    if not fill or _weight_bits(chosen, sizes) >= fill_to * max_weight_bits:
+        return chosen, "shrink" if over else "none"
+    fullest = _weight_bits(rewarded_allocation(logp, sizes, max_weight_bits, 2.0 * _spread(logp) + 1.0), sizes)
+    target = min(fill_to * max_weight_bits, fullest)
+    if target <= _weight_bits(chosen, sizes):
+        return chosen, "shrink" if over else "none"
+    mu = fill_reward(logp, sizes, max_weight_bits, target)
+    return rewarded_allocation(logp, sizes, max_weight_bits, mu), "fill"
+
+
+def _spread(logp: Mapping[str, Mapping[int, float]]) -> float:
+    """Largest log-probability difference between any two maps."""
+    return sum(max(lp.values()) - min(lp.values()) for lp in logp.values())
+
+
+def _integrate(lam: float, excess: float, rate: float) -> float:
+    """One dual-ascent step of the multiplier with anti-windup (reset on crossing the budget).
+
+    A multiplier that still pushes the size down after the supernet went under the budget (or up
+    after it went over) is wound-up history from the high-temperature phase, not a force the
+    budget asks for: it is dropped, so the proportional term acts at once on the new side.
+    """
+    if excess * lam < 0:
+        lam = 0.0
+    return lam + rate * excess
 
 
 def _lm_batches(model: nn.Module, stream: torch.Tensor, batch_size: int, length: int, generator: torch.Generator
@@ -277,7 +370,7 @@ def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], t
             if phase != "w":
                 a_opt.step()
                 if size_excess is not None:
-                    lam = lam + settings.lambda_lr * float(size_excess.detach())
+                    lam = _integrate(lam, float(size_excess.detach()), settings.lambda_lr)
             if recurrent:
                 states[state_key] = model.detach_state(out.state)
             tokens_seen += inputs.numel()
@@ -286,10 +379,10 @@ def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], t
             history.append({"step": step, "tau": tau, "lambda": lam, "expected_weight_bits": expected,
                             "probabilities": net.probabilities()})
             bar.set_postfix(tau=f"{tau:.2f}", lam=f"{lam:.3g}",
-                            budget=f"{expected / cap:.3f}" if cap else "n/a", loss=f"{float(out.loss):.3f}")
-    bits, repaired = net.export(cap)
+                            budget=f"{expected / cap:.3f}" if cap else "n/a", loss=f"{float(out.loss.detach()):.3f}")
+    bits, repair = net.export(cap, fill=settings.fill_budget)
     seconds = time.perf_counter() - start_time
-    meta = {"strategy": "gumbel", "seed": settings.seed, "max_weight_bits": cap, "repaired": repaired,
+    meta = {"strategy": "gumbel", "seed": settings.seed, "max_weight_bits": cap, "repair": repair,
             "probabilities": {n: {str(b): p for b, p in d.items()} for n, d in net.probabilities().items()},
             "history": [{**h, "probabilities": {n: {str(b): p for b, p in d.items()}
                                                  for n, d in h["probabilities"].items()}} for h in history],

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+import random
+
 import pytest
 import torch
 
-from nas.gumbel import GumbelSupernet, _MixedQuantize
+from nas.gumbel import GumbelSupernet, _MixedQuantize, budgeted_argmax, fill_reward
 from search_spaces.models import build_model
 from search_spaces.precision import find_clusters
 from search_spaces.quant import dequantize, fake_quantize, quantize_codes, solve_scale, table_values
@@ -46,7 +50,82 @@ def test_supernet_export_repairs_an_over_budget_argmax() -> None:
             p.copy_(torch.tensor([0.0, 1.0]))  # every argmax says 8 bits
     sizes = {n: c.numel for n, c in find_clusters(model).items()}
     cap = 4 * sum(sizes.values())
-    bits, repaired = net.export(cap)
-    assert repaired and sum(bits[n] * sizes[n] for n in names) <= cap
+    bits, repair = net.export(cap)
+    assert repair == "shrink" and sum(bits[n] * sizes[n] for n in names) <= cap
     assert set(bits.values()) == {2, 8}  # the repair keeps as many 8-bit clusters as fit
-    assert net.export(None) == ({n: 8 for n in names}, False)
+    assert net.export(None) == ({n: 8 for n in names}, "none")
+
+
+def _brute(probs: dict, sizes: dict, cap: float) -> list[tuple[int, float, dict]]:
+    """(weight bits, log-probability, map) of every map within ``cap``."""
+    names = list(probs)
+    out = []
+    for combo in itertools.product(*(sorted(probs[n]) for n in names)):
+        bits = dict(zip(names, combo, strict=True))
+        used = sum(b * sizes[n] for n, b in bits.items())
+        if used <= cap:
+            out.append((used, sum(math.log(probs[n][b]) for n, b in bits.items()), bits))
+    return out
+
+
+def test_budgeted_argmax_fills_an_under_budget_argmax() -> None:
+    probs = {"a": {1: 0.6, 2: 0.3, 4: 0.1}, "b": {1: 0.9, 2: 0.05, 4: 0.05},
+             "c": {1: 0.55, 2: 0.44, 4: 0.01}, "d": {1: 0.5, 2: 0.2, 4: 0.3}}
+    sizes = {"a": 100, "b": 100, "c": 300, "d": 200}
+    cap = 2.0 * sum(sizes.values())  # argmax is all 1-bit: 700 of 1400 bits
+    bits, repair = budgeted_argmax(probs, sizes, cap)
+    used = sum(bits[n] * sizes[n] for n in bits)
+    assert repair == "fill" and used <= cap
+    # 99% of 1400 is out of reach; 1400 itself is reachable (e.g. a2 b2 c2 d2): the fill takes
+    # the most probable of the maps that use it
+    full = [row for row in _brute(probs, sizes, cap) if row[0] == 1400]
+    assert used == 1400 and bits == max(full, key=lambda row: row[1])[2]
+    assert bits["b"] == 1  # the cluster that put 90% on 1 bit is not upgraded
+    # without fill: the plain argmax, untouched
+    assert budgeted_argmax(probs, sizes, cap, fill=False) == ({n: 1 for n in probs}, "none")
+    # every cluster at its widest fits: take it
+    assert budgeted_argmax(probs, sizes, 4.0 * sum(sizes.values()))[0] == {n: 4 for n in probs}
+
+
+def test_budgeted_argmax_fill_reaches_the_budget_on_the_rewarded_path() -> None:
+    rng = random.Random(3)
+    fills = 0
+    for _ in range(60):
+        names = [f"c{i}" for i in range(rng.randint(2, 5))]
+        probs = {}
+        for n in names:
+            raw = [rng.random() + 1e-3 for _ in range(3)]
+            probs[n] = {b: r / sum(raw) for b, r in zip((1, 2, 4), raw, strict=True)}
+        sizes = {n: rng.randint(1, 50) for n in names}
+        cap = rng.uniform(1.2, 3.5) * sum(sizes.values())
+        bits, repair = budgeted_argmax(probs, sizes, cap)
+        used = sum(bits[n] * sizes[n] for n in names)
+        table = _brute(probs, sizes, cap)
+        fullest = max(row[0] for row in table)
+        argmax = {n: max(p, key=p.get) for n, p in probs.items()}
+        argmax_used = sum(argmax[n] * sizes[n] for n in names)
+        assert used <= cap
+        assert used >= min(0.99 * cap, fullest)  # the budget is spent as far as the clusters allow
+        if argmax_used <= cap:
+            assert used >= argmax_used  # never gives bits back
+            assert (repair == "none") == (bits == argmax)
+        else:
+            assert repair in ("shrink", "fill")
+        if repair == "fill":
+            fills += 1
+            # exact: at the fill's reward no map within the cap scores higher (brute force)
+            logp = {n: {b: math.log(v) for b, v in p.items()} for n, p in probs.items()}
+            mu = fill_reward(logp, sizes, cap, min(0.99 * cap, fullest))
+            value = sum(logp[n][b] + mu * sizes[n] * b for n, b in bits.items())
+            best = max(lp + mu * u for u, lp, _ in table)
+            assert value == pytest.approx(best, abs=1e-9)
+    assert fills >= 10  # the fill branch was exercised
+
+
+def test_integral_resets_when_the_budget_is_crossed() -> None:
+    from nas.gumbel import _integrate
+
+    assert _integrate(1.0, 0.5, 0.1) == pytest.approx(1.05)  # over budget, still pushing down: integrate
+    assert _integrate(1.0, -0.05, 0.1) == pytest.approx(-0.005)  # under budget: the push-down is dropped
+    assert _integrate(-2.0, 0.2, 0.1) == pytest.approx(0.02)  # over budget again: the bits reward is dropped
+    assert _integrate(-2.0, -0.2, 0.1) == pytest.approx(-2.02)
