@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from search_spaces.precision import Cluster, cluster_parameter, cluster_weight, find_clusters
@@ -123,15 +122,48 @@ def _logits(model: nn.Module, chunks: list[torch.Tensor], recurrent: bool) -> It
         yield out.logits.float()
 
 
-def _summed_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``sum over tokens of KL(softmax(reference) || softmax(logits))``, in float64.
+_KL_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 per block
 
-    float32 log-softmax rounding (~1e-7 per log-probability) does not cancel in
-    ``sum p (log p - log q)`` and would swamp the KL of high-bit quantization (often < 1e-6);
-    in float64 the error is second order in the logits' own rounding.
+
+def _exp_excess(x: torch.Tensor) -> torch.Tensor:
+    """``exp(-x) - 1 + x`` (>= 0, about ``x^2 / 2``) without cancellation for small ``|x|``.
+
+    A Taylor series (relative error < 1e-7 for ``|x| < 0.1``) when every element is small, as
+    for high-bit quantization, else the direct form, where the elements with large ``|x|``
+    dominate the sum and the cancellation in the small ones no longer matters. One branch per
+    call (a cache-sized block of tokens): evaluating both everywhere cost a third more time.
     """
-    log_p, log_q = reference.double().log_softmax(-1), logits.double().log_softmax(-1)
-    return F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+    if float(x.abs().max()) < 0.1:
+        return x * x * (0.5 + x * (-1 / 6 + x * (1 / 24 + x * (-1 / 120 + x / 720))))
+    return torch.expm1(-x) + x
+
+
+def _summed_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``sum over tokens of KL(softmax(reference) || softmax(logits))`` (float64 result).
+
+    Exact identity in the logit difference ``d = reference - logits`` (centred on its mean
+    under ``p``; KL ignores constant shifts): with ``S = sum_v p expm1(-d)``,
+    ``KL = sum_v p (exp(-d) - 1 + d) - (S - log1p(S))``. Both terms are sums of non-negative
+    parts of order ``d^2`` and ``d^4``, so rounding errors stay relative to the KL itself and
+    float32 is accurate to ~1e-6 relative even for the tiny KL of high-bit quantization, where a
+    float32 ``log p - log q`` would not cancel. Blocks of tokens small enough to stay in cache
+    keep the dozen elementwise passes cheap: 6-10x faster than the float64 log-softmax version
+    this replaced, which dominated the KL search's time (10,000 tokens x 10,000 words: 6-10 s
+    -> 0.6-1.1 s on one core).
+    """
+    vocab = reference.shape[-1]
+    reference, logits = reference.reshape(-1, vocab), logits.reshape(-1, vocab)
+    total = torch.zeros((), dtype=torch.float64, device=reference.device)
+    rows = max(1, _KL_BLOCK_ELEMENTS // max(1, vocab))
+    for begin in range(0, reference.shape[0], rows):  # cache-sized blocks: the elementwise passes stay in cache
+        a, b = reference[begin : begin + rows], logits[begin : begin + rows]
+        p = a.softmax(-1)
+        d = a - b
+        d = d - (p * d).sum(-1, keepdim=True)
+        excess = (p * _exp_excess(d)).sum(-1).double()
+        s = excess - (p * d).sum(-1).double()  # S = sum p expm1(-d) = sum p (exp(-d) - 1 + d) - sum p d
+        total += (excess - (s - torch.log1p(s))).sum()  # S - log1p(S) >= 0, order S^2
+    return total
 
 
 @torch.no_grad()

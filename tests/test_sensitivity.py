@@ -368,3 +368,16 @@ def test_kl_and_hessian_rank_the_sensitive_cluster_higher() -> None:
             assert hess[sensitive][bits] > 1000 * hess[inert][bits] > 0, (per_weight, bits, hess)
     for bits in (1, 2):
         assert kl[sensitive][bits] > 1000 * kl[inert][bits] > 0, (bits, kl)
+
+
+@pytest.mark.parametrize(("noise", "shift"), [(1e-4, 0.0), (1e-3, 5.0), (0.3, 0.0), (2.0, -3.0)])
+def test_summed_kl_matches_float64_log_softmax(noise: float, shift: float) -> None:
+    from nas.sensitivity import _summed_kl
+
+    gen = torch.Generator().manual_seed(2)
+    reference = torch.randn(3, 7, 500, generator=gen) * 3
+    # a constant shift per token leaves the distribution, and so the KL, unchanged
+    logits = reference + noise * torch.randn(reference.shape, generator=gen) + shift
+    expected = _manual_kl(reference, logits) * 21  # the mean over 21 tokens -> the sum
+    assert float(_summed_kl(reference, logits)) == pytest.approx(expected, rel=2e-5, abs=1e-12)
+    assert float(_summed_kl(reference, reference + shift)) == pytest.approx(0.0, abs=1e-9)
