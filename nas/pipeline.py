@@ -60,6 +60,7 @@ from nas.stages import (
     search_point,
     train_fp,
 )
+from nas.strategies import settings_used
 from search_spaces.precision import PrecisionMap
 
 
@@ -186,7 +187,7 @@ class Pipeline:
         out_dir = self.run / "search" / point.label
         settings = dataclasses.replace(self.exp.search, strategy=point.strategy)
         inputs = {"label": point.label, "budget": point.budget, "space": self.exp.space, "data": self.data,
-                  "search": dataclasses.asdict(settings), "fp": self._fp_hash(), "corpus": self.corpus_hash}
+                  "search": settings_used(settings, point.strategy), "fp": self._fp_hash(), "corpus": self.corpus_hash}
         self._stage(f"search/{point.label}", inputs, [out_dir / "precision.yaml"], out_dir, lambda: search_point(
             self.exp, self.corpus, self.fp_checkpoint, point, out_dir / "precision.yaml",
             cache_dir=self.run / "cache" / "scores", device=self.device))

@@ -241,6 +241,21 @@ def get_strategy(name: str) -> Strategy:
     return STRATEGIES[name]()
 
 
+def settings_used(settings: SearchSection, name: str) -> dict[str, Any]:
+    """The settings of the search section that strategy ``name``'s map depends on (and its seed).
+
+    A pipeline hashes these, not the whole section, so that changing e.g. ``hessian_batches``
+    reruns the hessian searches only, not the (much longer) gumbel ones.
+    """
+    strategy = get_strategy(name)
+    if isinstance(strategy, GumbelStrategy):
+        keys = [f for f in GumbelSettings.__dataclass_fields__ if hasattr(settings, f)]
+        return {"strategy": name, **{k: getattr(settings, k) for k in keys}}
+    if isinstance(strategy, ScoreTableStrategy):
+        return {"strategy": name, "seed": settings.seed, **strategy.settings_key(settings)}
+    return {"strategy": name, "seed": settings.seed}
+
+
 def settings_dict(settings: SearchSection) -> dict[str, Any]:
     """The search section as a plain dict (for run metadata)."""
     return asdict(settings)

@@ -154,6 +154,16 @@ def test_changing_budgets_reruns_only_the_new_points(full_run: tuple[Path, list[
     assert len(_csv_without_times(run / "report" / "results.csv")) == 7
 
 
+def test_changing_one_strategys_settings_reruns_only_its_searches(
+        full_run: tuple[Path, list[str]], corpus_dir: Path, tmp_path: Path) -> None:
+    run = _copy(full_run[0], tmp_path)
+    raw = {**TINY, "search": {**TINY["search"], "kl_tokens": 150}}  # a kl setting: gumbel must not rerun
+    lines: list[str] = []
+    run_pipeline(_write_config(tmp_path, raw), run, data=corpus_dir, log=lines.append)
+    searches = {name for name in _ran(lines) if name.startswith("search/")}
+    assert searches == {"search/kl_b2", "search/kl_b4"}
+
+
 def test_changing_retraining_reruns_retrain_and_later(full_run: tuple[Path, list[str]], corpus_dir: Path,
                                                       tmp_path: Path) -> None:
     run = _copy(full_run[0], tmp_path)
