@@ -238,6 +238,15 @@ class Pipeline:
             self.exp, self.corpus, packed, point, self.model_name, precision_rel=rel,
             search_s=self.search_seconds(point), retrain_s=self.state.seconds(f"retrain/{point.label}"),
             device=self.device)))
+        self._refresh_times(point, out)
+
+    def _refresh_times(self, point: Point, row_file: Path) -> None:
+        """Keep a row's stage times current: a search rerun that finds the same map leaves the
+        row's evaluation up to date, but its time is the new search's."""
+        row = json.loads(row_file.read_text())
+        times = {"search_s": self.search_seconds(point), "retrain_s": self.state.seconds(f"retrain/{point.label}")}
+        if any(row.get(k) != v for k, v in times.items()):
+            atomic_write_json(row_file, {**row, **times})
 
     def prune(self, points: list[Point]) -> None:
         """Remove result rows of labels no longer planned (their search/retrain output stays as a cache)."""

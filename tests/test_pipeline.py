@@ -162,6 +162,11 @@ def test_changing_one_strategys_settings_reruns_only_its_searches(
     run_pipeline(_write_config(tmp_path, raw), run, data=corpus_dir, log=lines.append)
     searches = {name for name in _ran(lines) if name.startswith("search/")}
     assert searches == {"search/kl_b2", "search/kl_b4"}
+    # whether or not the new maps differ, the rows carry the new searches' times
+    state = json.loads((run / "state.json").read_text())
+    rows = {(r["strategy"], r["budget"]): r for r in read_rows(run)}
+    assert rows[("kl", 2.0)]["search_s"] == state["search/kl_b2"]["seconds"]
+    assert rows[("gumbel", 2.0)]["search_s"] == state["search/gumbel_b2"]["seconds"]
 
 
 def test_changing_retraining_reruns_retrain_and_later(full_run: tuple[Path, list[str]], corpus_dir: Path,
