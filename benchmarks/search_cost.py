@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import io
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +24,11 @@ from pathlib import Path
 import torch
 from search_sweep import CONFIGS, fp_epoch_seconds  # benchmarks/ is on sys.path when this script runs
 
-from nas.checkpoint import atomic_write_text
 from nas.config import load_config
 from nas.data import load_corpus, resolve_data_dir
 from nas.retrain import load_fp_checkpoint
 from nas.stages import Point, search_point
+from search_spaces.atomic import atomic_write_csv
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["model", "strategy", "search_s", "fp_epoch_s", "fp_epoch_gap", "search_fp_epochs"]
@@ -41,11 +40,7 @@ def write_rows(path: Path, model: str, rows: list[dict[str, object]]) -> None:
     kept = [r for r in csv.DictReader(path.open())] if path.is_file() else []
     kept = [r for r in kept if r["model"] != model or r["strategy"] not in strategies] + rows
     kept.sort(key=lambda r: (str(r["model"]), str(r["strategy"])))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(kept)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, COLUMNS, kept)
 
 
 def main() -> None:

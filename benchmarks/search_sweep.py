@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import io
 import shutil
 import statistics
 from pathlib import Path
@@ -33,13 +32,13 @@ from pathlib import Path
 import torch
 from step_time import time_hooks  # benchmarks/ is on sys.path when this script runs
 
-from nas.checkpoint import atomic_write_text
 from nas.config import load_config
 from nas.data import load_corpus, resolve_data_dir
 from nas.distributed import DistInfo
 from nas.pipeline import read_rows, run_pipeline
 from nas.retrain import load_fp_checkpoint
 from nas.train import TrainingHooks, epoch_batches
+from search_spaces.atomic import atomic_write_csv
 from search_spaces.models import build_model
 
 HERE = Path(__file__).resolve().parent
@@ -78,11 +77,7 @@ def write_csv(path: Path, model: str, rows: list[dict], fp_epoch_s: float) -> No
                      "search_s": "" if search_s is None else f"{search_s:.1f}",
                      "search_fp_epochs": "" if search_s is None else f"{search_s / fp_epoch_s:.3f}"})
     kept.sort(key=lambda r: (r["model"], float(r["budget_bits"]), r["strategy"]))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(kept)
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_csv(path, COLUMNS, kept)
 
 
 def main() -> None:
