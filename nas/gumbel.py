@@ -245,9 +245,7 @@ def fill_reward(logp: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int
 
     ``target_bits`` must be reachable within the budget (at most the fullest map's size).
     """
-    # high: one weight bit more outweighs any log-probability difference between maps (sizes
-    # are integers), so the fullest map wins.
-    low, high = 0.0, 2.0 * _spread(logp) + 1.0
+    low, high = 0.0, _fullest_reward(logp)
     for _ in range(64):
         mid = 0.5 * (low + high)
         if _weight_bits(rewarded_allocation(logp, sizes, max_weight_bits, mid), sizes) >= target_bits:
@@ -278,7 +276,7 @@ def budgeted_argmax(probs: Mapping[str, Mapping[int, float]], sizes: Mapping[str
         chosen = rewarded_allocation(logp, sizes, max_weight_bits, 0.0)
     if not fill or _weight_bits(chosen, sizes) >= fill_to * max_weight_bits:
         return chosen, "shrink" if over else "none"
-    fullest = _weight_bits(rewarded_allocation(logp, sizes, max_weight_bits, 2.0 * _spread(logp) + 1.0), sizes)
+    fullest = _weight_bits(rewarded_allocation(logp, sizes, max_weight_bits, _fullest_reward(logp)), sizes)
     target = min(fill_to * max_weight_bits, fullest)
     if target <= _weight_bits(chosen, sizes):
         return chosen, "shrink" if over else "none"
@@ -286,9 +284,10 @@ def budgeted_argmax(probs: Mapping[str, Mapping[int, float]], sizes: Mapping[str
     return rewarded_allocation(logp, sizes, max_weight_bits, mu), "fill"
 
 
-def _spread(logp: Mapping[str, Mapping[int, float]]) -> float:
-    """Largest log-probability difference between any two maps."""
-    return sum(max(lp.values()) - min(lp.values()) for lp in logp.values())
+def _fullest_reward(logp: Mapping[str, Mapping[int, float]]) -> float:
+    """A bits reward at which the fullest map within any budget wins: one weight bit more
+    (sizes are integers) outweighs the largest log-probability difference between two maps."""
+    return 2.0 * sum(max(lp.values()) - min(lp.values()) for lp in logp.values()) + 1.0
 
 
 def _integrate(lam: float, excess: float, rate: float) -> float:
