@@ -76,6 +76,11 @@ class RetrainSection(TrainSection):
     rho_max: float = 1.0
     project_every: int = 200  # ADMM: steps between projections; STE: between scale re-solves
     ste_finetune_steps: int = 0  # ADMM: optional STE fine-tune after the final projection
+    # Knowledge distillation from the FP checkpoint (nas/distill.py): weight of the teacher's
+    # soft-target KL in the loss (0 = off, 1 = soft targets only) and its softmax temperature.
+    distill: float = 0.0
+    distill_temperature: float = 1.0
+    dropout: float | None = None  # replaces the checkpoint's model dropout while retraining
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +91,12 @@ class RetrainSection(TrainSection):
                              f"rho_max={self.rho_max}, rho_growth={self.rho_growth}")
         if self.project_every < 1 or self.ste_finetune_steps < 0:
             raise ValueError("project_every must be >= 1 and ste_finetune_steps >= 0")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ValueError(f"distill must be a weight in [0, 1], got {self.distill}")
+        if self.distill_temperature <= 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass

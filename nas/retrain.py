@@ -18,6 +18,7 @@ from nas.admm import AdmmHooks, SteHooks, _QuantizedClusters
 from nas.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from nas.config import ExperimentConfig, RetrainSection
 from nas.data import Corpus
+from nas.distill import Distiller
 from nas.distributed import dist_info_from_env, resolve_device
 from nas.train import TrainingHooks, _evaluate, train
 from search_spaces.models import build_model
@@ -57,6 +58,17 @@ def make_hooks(cfg: RetrainSection, precision: PrecisionMap, method: str) -> Any
     return build
 
 
+def make_distiller(cfg: RetrainSection, ckpt: dict[str, Any], device: str | None) -> Distiller | None:
+    """The FP checkpoint as a frozen teacher when ``retrain.distill`` > 0, else None."""
+    if cfg.distill <= 0:
+        return None
+    config = dict(ckpt["config"])
+    teacher = build_model(config.pop("type"), **config)
+    teacher.load_state_dict(ckpt["model"])
+    teacher.to(resolve_device(device, dist_info_from_env()))
+    return Distiller(teacher, cfg.distill, cfg.distill_temperature)
+
+
 def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt: dict[str, Any],
                                     precision: PrecisionMap, out_dir: Path, metrics: dict[str, Any],
                                     device: str | None) -> dict[str, Any]:
@@ -89,11 +101,13 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
     out_dir = Path(out_dir)
     ckpt = load_fp_checkpoint(fp_checkpoint, corpus)
     model_config = dict(ckpt["config"])
+    cfg = exp.retrain
+    if cfg.dropout is not None:
+        model_config["dropout"] = cfg.dropout  # regularisation only: the weights' shapes are unchanged
     exp = dataclasses.replace(exp, model=model_config)  # the checkpoint's architecture wins
     probe = build_model(model_config["type"], **{k: v for k, v in model_config.items() if k != "type"})
     probe.load_state_dict(ckpt["model"])
     precision.validate(probe)
-    cfg = exp.retrain
     method = method or cfg.method
     if method not in ("admm", "ste"):
         raise ValueError(f"unknown retraining method {method!r}; expected 'admm' or 'ste'")
@@ -101,7 +115,8 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
     precision.save(out_dir / "precision.yaml")
     metrics = train(exp, corpus, out_dir, device=device, resume=resume, progress=progress,
                     checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps, train_cfg=cfg,
-                    initial_state=ckpt["model"], make_hooks=make_hooks(cfg, precision, method))
+                    initial_state=ckpt["model"], make_hooks=make_hooks(cfg, precision, method),
+                    distiller=make_distiller(cfg, ckpt, device))
     if metrics.get("stopped_early"):
         return metrics
     if method == "admm" and cfg.ste_finetune_steps:

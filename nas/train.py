@@ -27,6 +27,7 @@ from evaluators.perplexity import perplexity
 from nas.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from nas.config import ExperimentConfig, TrainSection
 from nas.data import Corpus, iter_stream_chunks, stream_batches, window_batches
+from nas.distill import Distiller
 from nas.distributed import DistInfo, barrier, dist_info_from_env, init_distributed, resolve_device, shutdown
 from search_spaces.models import build_model, model_config_dict
 
@@ -161,7 +162,8 @@ def train(exp: ExperimentConfig, corpus: Corpus, out_dir: str | Path, *, device:
           resume: bool = False, progress: bool = True, checkpoint_every: int = 0,
           stop_after_steps: int | None = None, train_cfg: TrainSection | None = None,
           initial_state: dict[str, torch.Tensor] | None = None,
-          make_hooks: Callable[[nn.Module], TrainingHooks] | None = None) -> dict[str, Any]:
+          make_hooks: Callable[[nn.Module], TrainingHooks] | None = None,
+          distiller: Distiller | None = None) -> dict[str, Any]:
     """Train the experiment's model on ``corpus``; returns the metrics written to metrics.json.
 
     ``resume`` continues from ``out_dir/checkpoint.pt`` and ends with the same weights as an
@@ -169,7 +171,9 @@ def train(exp: ExperimentConfig, corpus: Corpus, out_dir: str | Path, *, device:
     many optimizer steps in this call (what a killed job leaves behind; used by tests).
     ``train_cfg`` replaces ``exp.train`` (retraining has its own section), ``initial_state``
     is the starting weights (an FP checkpoint) and ``make_hooks(model)`` builds the hooks that
-    customise the loop (called once the starting weights are loaded).
+    customise the loop (called once the starting weights are loaded). ``distiller`` mixes a
+    teacher's soft targets into the loss (nas/distill.py); the logged train loss stays the
+    cross-entropy.
     """
     out_dir = Path(out_dir)
     info = dist_info_from_env()
@@ -178,14 +182,15 @@ def train(exp: ExperimentConfig, corpus: Corpus, out_dir: str | Path, *, device:
     options = RunOptions(resume, progress, checkpoint_every, stop_after_steps)
     try:
         return _train(exp, train_cfg or exp.train, corpus, out_dir, dev, info, options, initial_state,
-                      make_hooks or (lambda _model: TrainingHooks()))
+                      make_hooks or (lambda _model: TrainingHooks()), distiller)
     finally:
         shutdown(info)
 
 
 def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Path, dev: torch.device,
            info: DistInfo, options: RunOptions, initial_state: dict[str, torch.Tensor] | None,
-           make_hooks: Callable[[nn.Module], TrainingHooks]) -> dict[str, Any]:
+           make_hooks: Callable[[nn.Module], TrainingHooks], distiller: Distiller | None = None
+           ) -> dict[str, Any]:
     resume, progress = options.resume, options.progress
     checkpoint_every, stop_after_steps = options.checkpoint_every, options.stop_after_steps
     torch.manual_seed(cfg.seed)
@@ -209,6 +214,8 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
         hooks.load_state_dict(ckpt.get("hooks", {}))
         if ckpt.get("lstm_state") is not None:
             lstm_state = [(h.to(dev), c.to(dev)) for h, c in ckpt["lstm_state"]]
+        if distiller is not None:
+            distiller.load_state_dict(ckpt.get("distiller", {}), dev)
     elif resume and info.is_main:
         print(f"no checkpoint at {ckpt_path}; starting from scratch")
     net: nn.Module = DistributedDataParallel(model) if info.enabled else model
@@ -219,6 +226,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "position": pos.__dict__, "best_valid": best_valid,
                 "history": history, "config": exp.to_dict(), "hooks": hooks.state_dict(),
+                "distiller": distiller.state_dict() if distiller is not None else None,
                 "lstm_state": None if state is None else [(h.cpu(), c.cpu()) for h, c in state]})
 
     steps_per_epoch = len(epoch_batches(exp, corpus, 0, info, recurrent))
@@ -231,6 +239,8 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
         start_step = position.step if epoch == position.epoch else 0
         if start_step == 0:
             lstm_state = None  # Zaremba: the hidden state starts from zero every epoch
+            if distiller is not None:
+                distiller.reset()
         net.train()
         epoch_loss, epoch_count, t0, epoch_tokens = 0.0, 0, time.perf_counter(), 0
         bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -246,7 +256,8 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
             optimizer.zero_grad(set_to_none=True)
             scale = inputs.size(1) if cfg.loss_reduction == "sum_time" else 1
             extra = hooks.penalty(model)
-            total = out.loss if extra is None else out.loss + extra
+            objective = out.loss if distiller is None else distiller.mix(inputs, out.logits, out.loss)
+            total = objective if extra is None else objective + extra
             (total * scale).backward()
             hooks.before_step(model)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
