@@ -56,10 +56,12 @@ def test_distiller_mixes_and_carries_the_teacher_state() -> None:
     tokens = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(1))
     out = student(tokens, None, tokens)
     # a student identical to the teacher: the KL part is 0, the mix is 0.75 * CE
-    assert float(distiller.mix(tokens, out.logits, out.loss).detach()) == pytest.approx(0.75 * float(out.loss.detach()), rel=1e-5)
+    mixed = float(distiller.mix(tokens, out.logits, out.loss).detach())
+    assert mixed == pytest.approx(0.75 * float(out.loss.detach()), rel=1e-5)
     assert distiller.state is not None  # the teacher's state now continues into the next chunk
     out2 = student(tokens, student.detach_state(out.state), tokens)
-    assert float(distiller.mix(tokens, out2.logits, out2.loss).detach()) == pytest.approx(0.75 * float(out2.loss.detach()), rel=1e-5)
+    mixed = float(distiller.mix(tokens, out2.logits, out2.loss).detach())
+    assert mixed == pytest.approx(0.75 * float(out2.loss.detach()), rel=1e-5)
     saved = distiller.state_dict()
     distiller.reset()
     assert distiller.state is None
