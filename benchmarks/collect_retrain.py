@@ -1,0 +1,75 @@
+"""Collect ``mpnas retrain`` run folders into one CSV (the raw rows of a RESULTS.md table).
+
+    .venv/bin/python benchmarks/collect_retrain.py benchmarks/runs/kd/lstm/kl_b2_kd \\
+        benchmarks/runs/kd/lstm/uniform2_kd --fp benchmarks/checkpoints/lstm/best.pt \\
+        --out benchmarks/results/kd_retrain.csv
+
+One row per run folder: the map's strategy (from ``precision.yaml``'s meta, ``uniform`` for
+``uniform:B``), the retrain recipe (method, distillation weight, epochs), sizes, valid/test
+perplexity, test / FP test, per-epoch valid perplexity and training tokens/s. Rows already in
+``--out`` for other run folders are kept; the file is rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+from nas.checkpoint import load_checkpoint
+from search_spaces.atomic import atomic_write_csv
+
+COLUMNS = ["run", "model", "strategy", "method", "distill", "epochs", "avg_bits", "compression", "valid_ppl",
+           "test_ppl", "test_over_fp", "valid_by_epoch", "train_tokens_per_s"]
+
+
+def row_for(run: Path, fp_test: float) -> dict[str, str]:
+    """The CSV row of one retrain run folder."""
+    metrics_path = run / "metrics.json"
+    if not metrics_path.is_file():
+        raise SystemExit(f"{run}: no metrics.json (the retrain has not finished)")
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    precision = yaml.safe_load((run / "precision.yaml").read_text(encoding="utf-8"))
+    meta = precision.get("meta") or {}
+    config = load_checkpoint(run / "checkpoint.pt")["config"]
+    retrain = config["retrain"]
+    return {
+        "run": str(run), "model": metrics["model"], "strategy": meta.get("strategy", "uniform"),
+        "method": metrics["method"], "distill": f"{retrain.get('distill', 0.0):g}", "epochs": str(retrain["epochs"]),
+        "avg_bits": f"{metrics['avg_bits']:.3f}", "compression": f"{metrics['compression']:.2f}",
+        "valid_ppl": f"{metrics['valid_ppl']:.2f}", "test_ppl": f"{metrics['test_ppl']:.2f}",
+        "test_over_fp": f"{metrics['test_ppl'] / fp_test:.3f}",
+        "valid_by_epoch": " ".join(f"{h['valid_ppl']:.2f}" for h in metrics["history"]),
+        "train_tokens_per_s": f"{metrics['train_tokens_per_s']:.0f}",
+    }
+
+
+def main() -> None:
+    """Parse arguments, read the run folders, merge into ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="mpnas retrain run folders")
+    parser.add_argument("--fp", type=Path, required=True, help="the FP best.pt (its test ppl is the reference)")
+    parser.add_argument("--fp-test", type=float, help="FP test ppl (default: benchmarks/results/fp_baselines.csv)")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    fp_test = args.fp_test
+    if fp_test is None:
+        name = {"lstm": "ptb_lstm", "transformer": "ptb_transformer"}[load_checkpoint(args.fp)["config"]["type"]]
+        with open(Path(__file__).parent / "results" / "fp_baselines.csv", encoding="utf-8") as handle:
+            fp_test = next(float(r["test_ppl"]) for r in csv.DictReader(handle) if r["model"] == name)
+    rows: dict[str, dict[str, str]] = {}
+    if args.out.is_file():
+        with open(args.out, encoding="utf-8") as handle:
+            rows = {r["run"]: r for r in csv.DictReader(handle)}
+    for run in args.runs:
+        rows[str(run)] = row_for(run, fp_test)
+    atomic_write_csv(args.out, COLUMNS, list(rows.values()))
+    for row in rows.values():
+        print(",".join(row[c] for c in COLUMNS))
+
+
+if __name__ == "__main__":
+    main()
