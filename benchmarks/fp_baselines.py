@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 from pathlib import Path
 
@@ -47,10 +48,17 @@ def main() -> None:
     parser.add_argument("--data", help="PTB folder (default $MPNAS_DATA)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="stop after this many epochs (e.g. once valid has risen for several); with the "
+                             "step schedule the epochs run are those of the full recipe")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     exp = load_config(CONFIGS[args.model])
+    if args.epochs is not None:
+        if exp.train.schedule == "cosine":
+            parser.error("--epochs would change the cosine schedule of this model's recipe")
+        exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, epochs=args.epochs))
     corpus = load_corpus(resolve_data_dir(args.data))
     metrics = train(exp, corpus, HERE / "checkpoints" / args.model, device=args.device, resume=True,
                     progress=False, checkpoint_every=500)
