@@ -174,3 +174,40 @@ def test_retrain_keeps_the_projected_start_when_training_hurts(fp_run: tuple[Pat
     _QuantizedClusters(start, precision).hard_project_(start)
     saved = load_checkpoint(tmp_path / "rt" / "best.pt")["model"]
     assert all(torch.equal(saved[k], v) for k, v in start.state_dict().items())
+
+
+def test_ste_validates_with_the_scales_it_trained_with() -> None:
+    """Evaluation projects with the training forward's scales, not ones re-solved on the latents."""
+    from nas.admm import SteHooks
+    from search_spaces.quant import quantize_codes
+
+    torch.manual_seed(0)
+    model = build_model("lstm", vocab_size=50, embed_dim=8, hidden_dim=8, num_layers=1)
+    precision = PrecisionMap.uniform(model, 2, granularity="row")
+    hooks = SteHooks(model, precision, rescale_every=100)
+    hooks.before_forward(model)
+    trained = {k: v.clone() for k, v in hooks.alpha.items()}
+    hooks.before_step(model)  # latent weights back
+    with torch.no_grad():  # a training step that moves the latents: re-solved scales would differ
+        for view in hooks.q.views(model).values():
+            view.mul_(1.7)
+    latent = {n: v.detach().clone() for n, v in hooks.q.views(model).items()}
+    with hooks.evaluation(model):
+        for name, view in hooks.q.views(model).items():
+            expected = quantize_codes(latent[name], 2, trained[name]).float() * trained[name]
+            assert torch.equal(view, expected), name
+            assert not torch.equal(view, hooks.q.project(name, latent[name])), name
+    assert all(torch.equal(v, latent[n]) for n, v in hooks.q.views(model).items())  # latents restored
+
+
+def test_ste_best_weights_are_a_fixed_point_of_the_projection(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from nas.admm import _QuantizedClusters
+
+    corpus_dir, fp = fp_run
+    precision = PrecisionMap.uniform(_model_from(fp), 2, granularity="row")
+    retrain(parse_config(EXP), load_corpus(corpus_dir), fp, precision, tmp_path / "ste", method="ste",
+            progress=False)
+    model = _model_from(tmp_path / "ste" / "best.pt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _QuantizedClusters(model, precision).hard_project_(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
