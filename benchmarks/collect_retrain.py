@@ -62,6 +62,8 @@ def row_for(run: Path, fp_test: float, corpus: Corpus | None = None, threads: in
     if not metrics_path.is_file():
         raise SystemExit(f"{run}: no metrics.json (the retrain has not finished)")
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    if "method" not in metrics:  # nas.train wrote it; nas.retrain has not finished the run folder yet
+        raise SystemExit(f"{metrics_path}: no 'method' key (the retrain has not finished)")
     precision = yaml.safe_load((run / "precision.yaml").read_text(encoding="utf-8"))
     meta = precision.get("meta") or {}
     config = load_checkpoint(run / "checkpoint.pt")["config"]
