@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -64,11 +64,19 @@ class _QuantizedClusters:
             view.copy_(self.project(name, view))
 
     @contextlib.contextmanager
-    def swapped(self, model: nn.Module) -> Iterator[None]:
-        """Run the body with quantized weights, then put the latent weights back."""
+    def swapped(self, model: nn.Module,
+                project: Callable[[dict[str, torch.Tensor]], None] | None = None) -> Iterator[None]:
+        """Run the body with quantized weights, then put the latent weights back.
+
+        ``project(views)`` writes the quantized weights into the live views; the default is
+        the closed-form projection (:meth:`hard_project_`).
+        """
         views = self.views(model)
         latent = {name: view.detach().clone() for name, view in views.items()}
-        self.hard_project_(model)
+        if project is None:
+            self.hard_project_(model)
+        else:
+            project(views)
         try:
             yield
         finally:
@@ -209,17 +217,8 @@ class SteHooks(TrainingHooks):
     def after_step(self, model: nn.Module, global_step: int) -> None:
         self.steps += 1
 
-    @contextlib.contextmanager
-    def evaluation(self, model: nn.Module) -> Iterator[None]:
-        views = self.q.views(model)
-        latent = {name: view.detach().clone() for name, view in views.items()}
-        self._project_with_trained_scales(views)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, view in views.items():
-                    view.copy_(latent[name])
+    def evaluation(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
+        return self.q.swapped(model, self._project_with_trained_scales)
 
     def finish(self, model: nn.Module) -> None:
         # best.pt holds weights already on a table (projected with the scales of its epoch, not
