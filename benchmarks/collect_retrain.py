@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from nas.admm import SteHooks
 from nas.checkpoint import load_checkpoint
 from nas.config import parse_config
 from nas.data import Corpus, load_corpus, resolve_data_dir
+from nas.ste import SteHooks
 from nas.train import _evaluate
 from search_spaces.atomic import atomic_write_csv
 from search_spaces.models import build_model

@@ -54,9 +54,8 @@ def time_hooks(model: torch.nn.Module, hooks: TrainingHooks, batches: list) -> l
         (out.loss if extra is None else out.loss + extra).backward()
         hooks.before_step(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        hooks.after_clip(model, 1.0)
         optimizer.step()
-        hooks.after_step(model, step)
+        hooks.after_step(model, step, lr=0.01, loss_scale=1.0)
         state = model.detach_state(out.state) if hasattr(model, "detach_state") else None
         times.append(time.perf_counter() - start)
     return times

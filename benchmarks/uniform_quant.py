@@ -1,14 +1,18 @@
 """Uniform-precision quantization of the FP PTB models: ADMM vs STE (NNI peers: nni_peers.py).
 
     MPNAS_DATA=../shared/data/ptb .venv/bin/python benchmarks/uniform_quant.py \\
-        --model lstm --bits 8 4 2 1 --methods admm ste nni_qat nni_lsq --max-steps 800 --threads 1
+        --model lstm --bits 8 4 2 1 --methods admm ste nni_qat nni_lsq --epochs 1 --threads 1
 
 ``nni_qat`` / ``nni_lsq`` run ``benchmarks/nni_peers.py`` in ``.venv-nni`` (NNI's own pins) with
 the same checkpoint, retrain section, epochs and step cap. For every (bits, method) it retrains
-``benchmarks/checkpoints/<model>/best.pt`` with the same
-budget (``--epochs`` of at most ``--max-steps`` steps each), exports the packed file, and
-replaces the row in ``benchmarks/results/uniform.csv`` (columns
-``model,method,bits,avg_bits,theoretical_bytes,packed_bytes,compression,valid_ppl,test_ppl,step_time_ratio``).
+the committed reference checkpoint ``benchmarks/checkpoints/ptb_<model>.safetensors`` (or
+``--checkpoint``) with the retrain section of ``--config`` (default: the packaged
+``ptb_<model>`` config) and the same budget for every method (``--epochs`` of at most
+``--max-steps`` steps each), exports the packed file, and replaces the row in
+``benchmarks/results/uniform.csv`` (columns
+``model,method,bits,epochs,avg_bits,theoretical_bytes,packed_bytes,compression,valid_ppl,test_ppl,step_time_ratio``;
+``epochs`` counts the training actually run, a fraction when ``--max-steps`` cuts an epoch).
+Several invocations may run side by side (one per core): rows are written under a file lock.
 ``step_time_ratio`` is the median retraining step time over the median FP step time, both
 measured in this process on the same batches (a ratio, so the shared machine's noise cancels).
 Retraining runs go to ``benchmarks/checkpoints/<model>_uniform/<method>_<bits>/`` and resume.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fcntl
 import io
 import json
 import statistics
@@ -41,34 +46,50 @@ from search_spaces.precision import PrecisionMap
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {"lstm": "ptb_lstm", "transformer": "ptb_transformer"}
-COLUMNS = ["model", "method", "bits", "avg_bits", "theoretical_bytes", "packed_bytes", "compression", "valid_ppl",
-           "test_ppl", "step_time_ratio"]
+COLUMNS = ["model", "method", "bits", "epochs", "avg_bits", "theoretical_bytes", "packed_bytes", "compression",
+           "valid_ppl", "test_ppl", "step_time_ratio"]
 
 
 def write_rows(csv_path: Path, new_rows: list[dict[str, object]]) -> None:
-    """Replace rows with the same (model, method, bits), atomically."""
+    """Replace rows with the same (model, method, bits), atomically, under a lock (parallel invocations)."""
     keys = {(str(r["model"]), str(r["method"]), str(r["bits"])) for r in new_rows}
-    rows = []
-    if csv_path.is_file():
-        rows = [r for r in csv.DictReader(csv_path.open()) if (r["model"], r["method"], r["bits"]) not in keys]
-    rows += [{k: r[k] for k in COLUMNS} for r in new_rows]
-    rows.sort(key=lambda r: (r["model"], r["method"], -int(r["bits"])))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(csv_path, buffer.getvalue())
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = []
+        if csv_path.is_file():
+            rows = [r for r in csv.DictReader(csv_path.open()) if (r["model"], r["method"], r["bits"]) not in keys]
+        rows += [{k: r[k] for k in COLUMNS} for r in new_rows]
+        rows.sort(key=lambda r: (r["model"], r["method"], -int(r["bits"])))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(csv_path, buffer.getvalue())
 
 
 NNI_METHODS = {"nni_qat": "qat", "nni_lsq": "lsq"}
 
 
-def run_nni_peer(args: argparse.Namespace, method: str, bits: int, fp_path: Path) -> dict[str, object] | None:
+def epochs_run(args: argparse.Namespace, steps_per_epoch: int | None = None) -> str:
+    """Epochs of training a row got: ``--epochs``, scaled down when ``--max-steps`` cuts an epoch short."""
+    if not args.max_steps or not steps_per_epoch or args.max_steps >= steps_per_epoch:
+        return f"{args.epochs:g}"
+    return f"{args.epochs * args.max_steps / steps_per_epoch:.3g}"
+
+
+def run_dir(args: argparse.Namespace, method: str, bits: int) -> Path:
+    """Where one row's run lives (resumed when present): per config, so recipes never share a run."""
+    return HERE / "checkpoints" / f"{args.model}_uniform" / Path(args.config).stem / f"{method}_{bits}"
+
+
+def run_nni_peer(args: argparse.Namespace, method: str, bits: int, fp_path: Path,
+                 steps_per_epoch: int) -> dict[str, object] | None:
     """One NNI peer row (``nni_peers.py`` in NNI's venv); None when NNI cannot do ``bits``."""
-    out = HERE / "checkpoints" / f"{args.model}_uniform" / f"{method}_{bits}"
+    out = run_dir(args, method, bits)
     out.mkdir(parents=True, exist_ok=True)
     command = [args.nni_python, str(HERE / "nni_peers.py"), "--checkpoint", str(fp_path), "--config",
-               CONFIGS[args.model], "--method", NNI_METHODS[method], "--bits", str(bits),
+               args.config, "--method", NNI_METHODS[method], "--bits", str(bits),
                "--epochs", str(args.epochs), "--threads", str(args.threads or 1), "--packed", str(out / "model.mpq")]
     if args.max_steps:
         command += ["--max-steps", str(args.max_steps)]
@@ -82,7 +103,8 @@ def run_nni_peer(args: argparse.Namespace, method: str, bits: int, fp_path: Path
     if "skipped" in result:
         print(f"{method} {bits} bit skipped: {result['skipped']}", flush=True)
         return None
-    return {"model": f"ptb_{args.model}", "method": method, "bits": bits, "avg_bits": f"{result['avg_bits']:.3f}",
+    return {"model": f"ptb_{args.model}", "method": method, "bits": bits, "epochs": epochs_run(args, steps_per_epoch),
+            "avg_bits": f"{result['avg_bits']:.3f}",
             "theoretical_bytes": int(result["theoretical_bytes"]), "packed_bytes": result.get("packed_bytes", ""),
             "compression": f"{result['compression']:.2f}", "valid_ppl": f"{result['valid_ppl']:.2f}",
             "test_ppl": f"{result['test_ppl']:.2f}", "step_time_ratio": f"{result['step_time_ratio']:.3f}"}
@@ -104,9 +126,11 @@ def measure_ratio(exp: object, corpus: object, ckpt: dict, precision: PrecisionM
             hooks = TrainingHooks() if hooks_kind == "fp" else make_hooks(exp.retrain, precision, method)(model)
             sink += time_hooks(model, hooks, batches)[5:]  # skip warm-up steps
             if hooks_kind == "admm":  # the projections fall outside the timed steps: amortise one
+                period = hooks.rescale_every
+                hooks.steps = period - 1  # the next step ends a period: it projects
                 start = time.perf_counter()
-                hooks.after_step(model, hooks.project_every - 1)
-                projection_s.append((time.perf_counter() - start) / hooks.project_every)
+                hooks.after_step(model, 0, lr=exp.retrain.lr, loss_scale=1.0)
+                projection_s.append((time.perf_counter() - start) / period)
     extra = statistics.median(projection_s) if projection_s else 0.0
     return (statistics.median(q_times) + extra) / statistics.median(fp_times)
 
@@ -118,6 +142,10 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["admm", "ste"], choices=["admm", "ste", *NNI_METHODS])
     parser.add_argument("--nni-python", default=str(HERE.parent / ".venv-nni" / "bin" / "python"),
                         help="interpreter with NNI 3.0 installed (requirements-nni.txt)")
+    parser.add_argument("--checkpoint", type=Path, help="FP checkpoint (default: benchmarks/checkpoints/"
+                        "ptb_<model>.safetensors, the committed reference)")
+    parser.add_argument("--config", help="experiment YAML or packaged name whose retrain section is used "
+                        "(default: ptb_<model>)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=None, help="cap on steps per retraining epoch")
     parser.add_argument("--timing-steps", type=int, default=20)
@@ -126,31 +154,36 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    exp = load_config(CONFIGS[args.model])
+    args.config = args.config or CONFIGS[args.model]
+    exp = load_config(args.config)
     exp = dataclasses.replace(exp, retrain=dataclasses.replace(exp.retrain, epochs=args.epochs,
                                                                max_steps_per_epoch=args.max_steps))
     corpus = load_corpus(resolve_data_dir(args.data))
-    fp_path = HERE / "checkpoints" / args.model / "best.pt"
+    fp_path = args.checkpoint or HERE / "checkpoints" / f"ptb_{args.model}.safetensors"
     ckpt = load_fp_checkpoint(fp_path, corpus)
+    recurrent = ckpt["config"]["type"] == "lstm"
+    steps_per_epoch = len(epoch_batches(exp, corpus, 0, DistInfo(), recurrent=recurrent))
     for bits in args.bits:
         for method in args.methods:
             if method in NNI_METHODS:
-                row = run_nni_peer(args, method, bits, fp_path)
+                row = run_nni_peer(args, method, bits, fp_path, steps_per_epoch)
                 if row is not None:
                     write_rows(HERE / "results" / "uniform.csv", [row])
                 print(row, flush=True)
                 continue
             probe = build_model(ckpt["config"]["type"], **{k: v for k, v in ckpt["config"].items() if k != "type"})
             precision = PrecisionMap.uniform(probe, bits)
-            out = HERE / "checkpoints" / f"{args.model}_uniform" / f"{method}_{bits}"
-            metrics = retrain(exp, corpus, fp_path, precision, out, method=method, resume=True, progress=False)
+            out = run_dir(args, method, bits)
+            metrics = retrain(exp, corpus, fp_path, precision, out, method=method, resume=True, progress=False,
+                              checkpoint_every=200)
             quantized = build_model(ckpt["config"]["type"], **{k: v for k, v in ckpt["config"].items() if k != "type"})
             quantized.load_state_dict(load_fp_checkpoint(out / "best.pt")["model"])
             packed = out / "model.mpq"
             export_packed(quantized, precision, packed)
             ratio = measure_ratio(exp, corpus, ckpt, precision, method, args.timing_steps)
             row = {"model": f"ptb_{args.model}", "method": method, "bits": bits,
-                   "avg_bits": f"{metrics['avg_bits']:.3f}", "theoretical_bytes": int(metrics["theoretical_bytes"]),
+                   "epochs": epochs_run(args, steps_per_epoch), "avg_bits": f"{metrics['avg_bits']:.3f}",
+                   "theoretical_bytes": int(metrics["theoretical_bytes"]),
                    "packed_bytes": packed.stat().st_size, "compression": f"{metrics['compression']:.2f}",
                    "valid_ppl": f"{metrics['valid_ppl']:.2f}", "test_ppl": f"{metrics['test_ppl']:.2f}",
                    "step_time_ratio": f"{ratio:.3f}"}

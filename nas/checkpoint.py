@@ -1,4 +1,8 @@
-"""Atomic checkpoint files: write to a temporary file in the same folder, then rename."""
+"""Atomic checkpoint files: write to a temporary file in the same folder, then rename.
+
+:func:`load_checkpoint` also reads the weights-only ``.safetensors`` reference files of
+:mod:`nas.reference`.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 
 import torch
 
+from nas.reference import is_reference, load_reference
 from search_spaces.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "load_checkpoint", "save_checkpoint"]
@@ -17,6 +22,9 @@ __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_write_text", "load
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """``torch.save`` a dict of tensors and plain values atomically."""
     path = Path(path)
+    if is_reference(path):
+        raise ValueError(f"{path}: save_checkpoint writes torch.save files; write .safetensors references "
+                         "with nas.reference.save_reference")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -29,10 +37,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain values only)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain values only).
+
+    A ``.safetensors`` path is read with :func:`nas.reference.load_reference`: the same keys
+    as a ``best.pt`` (``model``, ``config``, ``vocab``, ...) plus its ``meta``.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    if is_reference(path):
+        return load_reference(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign files surface as many torch/pickle errors

@@ -71,10 +71,12 @@ class RetrainSection(TrainSection):
 
     method: str = "admm"  # admm | ste
     epochs: int = 3
-    rho: float = 1e-3  # ADMM: initial penalty weight
-    rho_growth: float = 1.1  # ADMM: rho *= rho_growth at every projection
+    rho: float = 1e-3  # ADMM: initial penalty weight (0 = plain STE); the pull's step is lr * rho * loss scale
+    rho_growth: float = 1.0  # ADMM: rho = rho * rho_growth ** (epochs trained), set at each projection
     rho_max: float = 1.0
-    project_every: int = 200  # ADMM: steps between projections; STE: between scale re-solves
+    project_every: int = 200  # ADMM: steps between projections (= dual updates); STE: between scale re-solves
+    project_every_epochs: float = 0.0  # > 0: the same period in epochs (replaces project_every)
+    admm_forward: str = "quantized"  # ADMM W step: gradient at Q(W) (straight-through) | "latent": at W (papers)
     ste_finetune_steps: int = 0  # ADMM: optional STE fine-tune after the final projection
     # Knowledge distillation from the FP checkpoint (nas/distill.py): weight of the teacher's
     # soft-target KL in the loss (0 = off, 1 = soft targets only) and its softmax temperature.
@@ -86,11 +88,14 @@ class RetrainSection(TrainSection):
         super().__post_init__()
         if self.method not in ("admm", "ste"):
             raise ValueError(f"method must be one of ('admm', 'ste'), got {self.method!r}")
-        if self.rho <= 0 or self.rho_max < self.rho or self.rho_growth < 1:
-            raise ValueError(f"need 0 < rho <= rho_max and rho_growth >= 1, got rho={self.rho}, "
+        if self.rho < 0 or self.rho_max < self.rho or self.rho_growth < 1:
+            raise ValueError(f"need 0 <= rho <= rho_max and rho_growth >= 1, got rho={self.rho}, "
                              f"rho_max={self.rho_max}, rho_growth={self.rho_growth}")
-        if self.project_every < 1 or self.ste_finetune_steps < 0:
-            raise ValueError("project_every must be >= 1 and ste_finetune_steps >= 0")
+        if self.project_every < 1 or self.ste_finetune_steps < 0 or self.project_every_epochs < 0:
+            raise ValueError(f"project_every must be >= 1, project_every_epochs >= 0 and ste_finetune_steps >= 0; "
+                             f"got {self.project_every}, {self.project_every_epochs}, {self.ste_finetune_steps}")
+        if self.admm_forward not in ("quantized", "latent"):
+            raise ValueError(f"admm_forward must be 'quantized' or 'latent', got {self.admm_forward!r}")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill must be a weight in [0, 1], got {self.distill}")
         if self.distill_temperature <= 0:

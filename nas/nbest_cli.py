@@ -36,6 +36,7 @@ from evaluators.rescore import (
 )
 from nas.checkpoint import load_checkpoint
 from nas.data import EOS, Vocabulary
+from nas.reference import is_reference
 
 FORMATS = ("hyporadise", "kaldi", "jsonl")
 LoadModel = Callable[[Path], tuple[nn.Module, dict[str, float], Sequence[str] | None]]
@@ -126,7 +127,7 @@ def load_vocabulary(path: Path) -> Vocabulary:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such vocabulary file")
     with path.open("rb") as handle:
-        is_checkpoint = handle.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+        is_checkpoint = handle.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC or is_reference(path)
     if is_checkpoint:
         ckpt = load_checkpoint(path)
         if "vocab" not in ckpt:

@@ -14,12 +14,13 @@ from typing import Any
 from torch import nn
 
 from evaluators.size import model_size
-from nas.admm import AdmmHooks, SteHooks, _QuantizedClusters
+from nas.admm import AdmmHooks
 from nas.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from nas.config import ExperimentConfig, RetrainSection
 from nas.data import Corpus
 from nas.distill import Distiller
 from nas.distributed import dist_info_from_env, resolve_device
+from nas.ste import QuantizedClusters, SteHooks
 from nas.train import TrainingHooks, _evaluate, train
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
@@ -52,8 +53,10 @@ def make_hooks(cfg: RetrainSection, precision: PrecisionMap, method: str) -> Any
     def build(model: nn.Module) -> TrainingHooks:
         if method == "admm":
             return AdmmHooks(model, precision, rho=cfg.rho, rho_growth=cfg.rho_growth, rho_max=cfg.rho_max,
-                             project_every=cfg.project_every)
-        return SteHooks(model, precision, rescale_every=cfg.project_every)
+                             project_every=cfg.project_every, project_every_epochs=cfg.project_every_epochs,
+                             forward=cfg.admm_forward)
+        return SteHooks(model, precision, rescale_every=cfg.project_every,
+                        rescale_every_epochs=cfg.project_every_epochs)
 
     return build
 
@@ -67,6 +70,29 @@ def make_distiller(cfg: RetrainSection, ckpt: dict[str, Any], device: str | None
     teacher.load_state_dict(ckpt["model"])
     teacher.to(resolve_device(device, dist_info_from_env()))
     return Distiller(teacher, cfg.distill, cfg.distill_temperature)
+
+
+def _ste_tail(exp: ExperimentConfig, corpus: Corpus, cfg: RetrainSection, precision: PrecisionMap,
+              out_dir: Path, metrics: dict[str, Any], device: str | None, resume: bool, progress: bool
+              ) -> dict[str, Any]:
+    """A short STE fine-tune from ADMM's best weights; keeps whichever of the two validates better.
+
+    The tail draws its batches with another seed (a Transformer would otherwise replay the
+    first batches of ADMM's first epoch) and runs in ``out_dir/ste_finetune``; ADMM's metrics
+    (residuals included) stay, with the tail's valid perplexity and the choice recorded.
+    """
+    tuned = load_checkpoint(out_dir / "best.pt")
+    short = dataclasses.replace(cfg, epochs=1, max_steps_per_epoch=cfg.ste_finetune_steps, seed=cfg.seed + 1)
+    tail_exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, seed=exp.train.seed + 1))
+    tail = train(tail_exp, corpus, out_dir / "ste_finetune", device=device, resume=resume, progress=progress,
+                 train_cfg=short, initial_state=tuned["model"], make_hooks=make_hooks(cfg, precision, "ste"))
+    kept = tail["valid_ppl"] < metrics["valid_ppl"]
+    merged = {**metrics, "ste_finetune_valid_ppl": tail["valid_ppl"], "ste_finetune_kept": kept}
+    if kept:
+        (out_dir / "ste_finetune" / "best.pt").replace(out_dir / "best.pt")
+        merged.update(valid_ppl=tail["valid_ppl"], test_ppl=tail["test_ppl"])
+    atomic_write_json(out_dir / "metrics.json", merged)
+    return merged
 
 
 def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt: dict[str, Any],
@@ -83,7 +109,7 @@ def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt:
     start = build_model(config.pop("type"), **config)
     start.load_state_dict(ckpt["model"])
     start.to(dev)
-    _QuantizedClusters(start, precision).hard_project_(start)
+    QuantizedClusters(start, precision).hard_project_(start)
     valid = _evaluate(start, exp, corpus, "valid", dev)
     metrics = {**metrics, "start_valid_ppl": valid, "kept_start": False}
     if valid < metrics["valid_ppl"]:
@@ -120,12 +146,7 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
     if metrics.get("stopped_early"):
         return metrics
     if method == "admm" and cfg.ste_finetune_steps:
-        tuned = load_checkpoint(out_dir / "best.pt")
-        short = dataclasses.replace(cfg, epochs=1, max_steps_per_epoch=cfg.ste_finetune_steps)
-        metrics = train(exp, corpus, out_dir / "ste_finetune", device=device, resume=resume, progress=progress,
-                        train_cfg=short, initial_state=tuned["model"], make_hooks=make_hooks(cfg, precision, "ste"))
-        for name in ("best.pt", "metrics.json"):
-            (out_dir / "ste_finetune" / name).replace(out_dir / name)
+        metrics = _ste_tail(exp, corpus, cfg, precision, out_dir, metrics, device, resume, progress)
     if not dist_info_from_env().is_main:
         # rank 0 alone finishes the run folder (the process group is gone); sizes need only shapes
         return {**metrics, "method": method, "precision": dict(precision.bits), **model_size(probe, precision)}

@@ -42,6 +42,9 @@ class TrainingHooks:
     Quantization-aware retraining (ADMM, STE) subclasses this instead of copying the loop.
     """
 
+    def begin(self, steps_per_epoch: int) -> None:
+        """Called once before the first step of this call (fresh or resumed), with the epoch length."""
+
     def before_forward(self, model: nn.Module) -> None:
         """Called before each training forward pass."""
 
@@ -52,15 +55,11 @@ class TrainingHooks:
     def before_step(self, model: nn.Module) -> None:
         """Called after backward, before gradient clipping and the optimizer step."""
 
-    def after_clip(self, model: nn.Module, loss_scale: float) -> None:
-        """Called after gradient clipping, before the optimizer step.
+    def after_step(self, model: nn.Module, global_step: int, lr: float = 0.0, loss_scale: float = 1.0) -> None:
+        """Called after each optimizer step, with the step's learning rate and loss scale.
 
-        Gradients added here (ADMM's penalty) escape clipping, so a large constraint violation
-        cannot shrink the loss gradient; ``loss_scale`` is the factor the loss was multiplied by.
+        ADMM applies its proximal pull here, outside the optimizer, so Adam cannot normalise it away.
         """
-
-    def after_step(self, model: nn.Module, global_step: int) -> None:
-        """Called after each optimizer step."""
 
     @contextlib.contextmanager
     def evaluation(self, model: nn.Module) -> Iterator[None]:
@@ -233,6 +232,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
+    hooks.begin(steps_per_epoch)
     steps_this_call, train_seconds, train_tokens = 0, 0.0, 0
     for epoch in range(position.epoch, cfg.epochs):
         batches = epoch_batches(exp, corpus, epoch, info, recurrent)[:steps_per_epoch]
@@ -267,9 +267,8 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
                     f"{exp.source}: training diverged at epoch {epoch + 1}, step {step + 1}: loss={loss}, "
                     f"gradient norm={float(norm)}, lr={lr:g}. Lower train.lr or set train.clip; the last "
                     f"good checkpoint is {ckpt_path}")
-            hooks.after_clip(model, float(scale))
             optimizer.step()
-            hooks.after_step(model, global_step)
+            hooks.after_step(model, global_step, lr=lr, loss_scale=float(scale))
             if recurrent:
                 lstm_state = model.detach_state(out.state)
             global_step += 1

@@ -21,8 +21,8 @@ from tests.synthetic import write_synthetic_corpus
 EXP = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers": 1, "dropout": 0.1},
        "data": {"batch_size": 4, "bptt": 10, "eval_batch_size": 2},
        "train": {"optimizer": "adam", "lr": 0.02, "schedule": "constant", "epochs": 2, "seed": 1},
-       "retrain": {"optimizer": "adam", "lr": 0.005, "schedule": "constant", "epochs": 2, "rho": 0.01,
-                   "rho_growth": 1.5, "rho_max": 10.0, "project_every": 5, "seed": 2}}
+       "retrain": {"optimizer": "adam", "lr": 0.005, "schedule": "constant", "epochs": 2, "rho": 10.0,
+                   "rho_growth": 2.0, "rho_max": 100.0, "project_every": 5, "seed": 2}}
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,11 @@ def test_admm_resume_matches_uninterrupted(fp_run: tuple[Path, Path], tmp_path: 
     a = load_checkpoint(tmp_path / "straight" / "best.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "best.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # stopped 3 steps into a 5-step projection period: the dual state resumes exactly too
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt")["hooks"] for run in ("straight", "resumed"))
+    assert a["residuals"] == b["residuals"] and a["rho"] == b["rho"]
+    for key in ("u", "g_codes", "g_alpha", "alpha"):
+        assert all(torch.equal(a[key][n], b[key][n]) for n in a[key]), key
 
 
 def test_cli_retrain_export_evaluate(fp_run: tuple[Path, Path], tmp_path: Path,
@@ -129,34 +134,150 @@ def test_bad_precision_spec_exits_2(fp_run: tuple[Path, Path], tmp_path: Path,
     assert "nonexistent" in capsys.readouterr().err
 
 
-def test_admm_pull_escapes_gradient_clipping(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
-    """A tight clip must not throttle ADMM: the penalty gradient is added after clipping.
-
-    Before the fix, clipping the summed gradient let a large ||W - G + U|| shrink both the pull
-    and the loss gradient, and on PTB the primal residual grew instead of shrinking.
-    """
+def test_admm_proximal_step_is_exact_and_outside_the_optimizer(fp_run: tuple[Path, Path]) -> None:
+    """After the optimizer step, W <- (W + eta (G - U)) / (1 + eta) with eta = lr * rho * loss_scale."""
     from nas.admm import AdmmHooks
 
     corpus_dir, fp = fp_run
     model = _model_from(fp)
     precision = PrecisionMap.uniform(model, 2)
-    hooks = AdmmHooks(model, precision, rho=1.0, rho_growth=1.0, rho_max=1.0, project_every=1000)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-6)  # what nas.train does first
-    hooks.after_clip(model, loss_scale=3.0)
-    for name, cluster in hooks.q.clusters.items():
-        w = cluster_weight(model, cluster).detach()
-        grad = cluster_weight(model, cluster).grad if cluster.rows is None else None
-        expected = 3.0 * (w - hooks.g[name])  # U = 0 before the first projection
-        assert grad is not None and torch.allclose(grad, expected), name
-    assert hooks.penalty_value(model) > 0
+    hooks = AdmmHooks(model, precision, rho=0.5, project_every=1000)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name in hooks.u:
+            hooks.u[name].normal_(0, 0.01)
+    before = {n: v.detach().clone() for n, v in hooks.q.views(model).items()}
+    hooks.after_step(model, 0, lr=0.2, loss_scale=3.0)
+    eta = 0.2 * 0.5 * 3.0
+    for name, w in hooks.q.views(model).items():
+        expected = (before[name] + eta * (hooks.g(name) - hooks.u[name])) / (1 + eta)
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-6, atol=1e-7)
+    # the penalty it minimises went down
+    assert hooks.penalty_value(model) < 0.5 * 0.5 * sum(
+        float(((before[n] - hooks.g(n) + hooks.u[n]) ** 2).sum()) for n in before)
 
-    exp = parse_config({**EXP, "retrain": {**EXP["retrain"], "clip": 1e-3, "optimizer": "sgd", "lr": 0.05,
-                                           "rho": 1.0, "rho_growth": 1.0, "rho_max": 1.0}})
-    metrics = retrain(exp, load_corpus(corpus_dir), fp, precision, tmp_path / "clipped", progress=False)
-    primal = [r["primal"] for r in metrics["admm_residuals"]]
-    assert primal[-1] < 0.5 * primal[0], primal
+
+def test_admm_with_rho_zero_is_exactly_ste(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus_dir, fp = fp_run
+    corpus = load_corpus(corpus_dir)
+    precision = PrecisionMap.uniform(_model_from(fp), 2)
+    exp = parse_config({**EXP, "retrain": {**EXP["retrain"], "rho": 0.0, "rho_growth": 2.0}})
+    retrain(exp, corpus, fp, precision, tmp_path / "admm", method="admm", progress=False)
+    retrain(exp, corpus, fp, precision, tmp_path / "ste", method="ste", progress=False)
+    for name in ("checkpoint.pt", "best.pt"):
+        a = load_checkpoint(tmp_path / "admm" / name)["model"]
+        b = load_checkpoint(tmp_path / "ste" / name)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_rho_is_honoured_by_every_optimizer(optimizer: str, fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A larger rho pulls W closer to its table, with Adam as with SGD (Adam used to normalise it away)."""
+    corpus_dir, fp = fp_run
+    corpus = load_corpus(corpus_dir)
+    precision = PrecisionMap.uniform(_model_from(fp), 2)
+    final_primal = {}
+    for rho in (0.1, 100.0):
+        exp = parse_config({**EXP, "retrain": {**EXP["retrain"], "optimizer": optimizer, "rho": rho,
+                                               "rho_max": rho, "rho_growth": 1.0}})
+        metrics = retrain(exp, corpus, fp, precision, tmp_path / f"{rho}", method="admm", progress=False)
+        final_primal[rho] = metrics["admm_residuals"][-1]["primal"]
+    assert final_primal[100.0] < 0.5 * final_primal[0.1], final_primal
+
+
+def test_admm_moves_codes_away_from_the_fp_projection(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The old ADMM froze every code where projecting the FP weights put it; this one must not."""
+    from nas.ste import QuantizedClusters
+
+    corpus_dir, fp = fp_run
+    precision = PrecisionMap.uniform(_model_from(fp), 2)
+    metrics = retrain(parse_config(EXP), load_corpus(corpus_dir), fp, precision, tmp_path / "admm",
+                      method="admm", progress=False)
+    assert any(r["codes_changed"] > 0 for r in metrics["admm_residuals"])
+    assert metrics["admm_residuals"][-1]["codes_moved"] > 0
+    start = _model_from(fp)
+    QuantizedClusters(start, precision).hard_project_(start)
+    trained = _model_from(tmp_path / "admm" / "best.pt")
+    q = QuantizedClusters(trained, precision)
+    moved = total = 0
+    for name, w in q.views(trained).items():
+        w0 = q.views(start)[name]
+        codes = q.codes(name, w, q.solve_scale(name, w))
+        codes0 = q.codes(name, w0, q.solve_scale(name, w0))
+        moved += int((codes != codes0).sum())
+        total += codes.numel()
+    assert moved / total > 1e-3, moved / total
+
+
+def test_rho_grows_per_epoch_not_per_projection(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus_dir, fp = fp_run
+    corpus = load_corpus(corpus_dir)
+    precision = PrecisionMap.uniform(_model_from(fp), 2)
+    rho_at_epoch_end = []
+    for every in (3, 6):
+        exp = parse_config({**EXP, "retrain": {**EXP["retrain"], "project_every": every, "rho": 0.01,
+                                               "rho_growth": 4.0, "rho_max": 10.0, "max_steps_per_epoch": 12}})
+        metrics = retrain(exp, corpus, fp, precision, tmp_path / f"p{every}", method="admm", progress=False)
+        rows = metrics["admm_residuals"]
+        assert rows[-1]["epoch"] == pytest.approx(2.0)
+        rho_at_epoch_end.append([r["rho"] for r in rows if r["epoch"] == pytest.approx(1.0)][0])
+    # the projection after one epoch uses rho0 * growth^1, however often it projected before
+    assert rho_at_epoch_end == pytest.approx([0.04, 0.04])
+
+
+def test_projection_period_in_epochs(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus_dir, fp = fp_run
+    precision = PrecisionMap.uniform(_model_from(fp), 2)
+    exp = parse_config({**EXP, "retrain": {**EXP["retrain"], "project_every_epochs": 0.5,
+                                           "max_steps_per_epoch": 10}})
+    metrics = retrain(exp, load_corpus(corpus_dir), fp, precision, tmp_path / "e", method="admm", progress=False)
+    assert [r["step"] for r in metrics["admm_residuals"]] == [5, 10, 15, 20]
+
+
+def test_ste_tail_keeps_the_better_of_the_two(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus_dir, fp = fp_run
+    precision = PrecisionMap.uniform(_model_from(fp), 2)
+    exp = parse_config({**EXP, "retrain": {**EXP["retrain"], "ste_finetune_steps": 6}})
+    metrics = retrain(exp, load_corpus(corpus_dir), fp, precision, tmp_path / "a", method="admm", progress=False)
+    assert metrics["admm_residuals"], "the tail must not drop ADMM's residuals"
+    tail = metrics["ste_finetune_valid_ppl"]
+    assert metrics["valid_ppl"] <= tail + 1e-9
+    assert metrics["ste_finetune_kept"] == (metrics["valid_ppl"] == pytest.approx(tail))
+    best = load_checkpoint(tmp_path / "a" / "best.pt")
+    assert best["valid_ppl"] == pytest.approx(metrics["valid_ppl"], rel=1e-6)
+
+
+def test_a_harmful_ste_tail_is_discarded(fp_run: tuple[Path, Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import nas.retrain as retrain_module
+    from nas.ste import SteHooks
+
+    class Wrecking(SteHooks):
+        def after_step(self, model, global_step, lr=0.0, loss_scale=1.0):  # noqa: ANN001
+            super().after_step(model, global_step, lr, loss_scale)
+            with torch.no_grad():
+                for view in self.q.views(model).values():
+                    view.mul_(-3.0)
+
+    original = retrain_module.make_hooks
+
+    def make_hooks(cfg, precision, method):  # noqa: ANN001
+        if method == "ste":
+            return lambda model: Wrecking(model, precision, rescale_every=cfg.project_every)
+        return original(cfg, precision, method)
+
+    corpus_dir, fp = fp_run
+    corpus = load_corpus(corpus_dir)
+    precision = PrecisionMap.uniform(_model_from(fp), 2)
+    plain = retrain(parse_config(EXP), corpus, fp, precision, tmp_path / "plain", method="admm", progress=False)
+    monkeypatch.setattr(retrain_module, "make_hooks", make_hooks)
+    exp = parse_config({**EXP, "retrain": {**EXP["retrain"], "ste_finetune_steps": 4}})
+    metrics = retrain(exp, corpus, fp, precision, tmp_path / "tail", method="admm", progress=False)
+    assert not metrics["ste_finetune_kept"] and metrics["ste_finetune_valid_ppl"] > metrics["valid_ppl"]
+    assert metrics["valid_ppl"] == plain["valid_ppl"]
+    a = load_checkpoint(tmp_path / "plain" / "best.pt")["model"]
+    b = load_checkpoint(tmp_path / "tail" / "best.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_retrain_keeps_the_projected_start_when_training_hurts(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
@@ -169,16 +290,16 @@ def test_retrain_keeps_the_projected_start_when_training_hurts(fp_run: tuple[Pat
                       progress=False)
     assert metrics["kept_start"] and metrics["valid_ppl"] == pytest.approx(metrics["start_valid_ppl"])
     start = _model_from(fp)
-    from nas.admm import _QuantizedClusters
+    from nas.ste import QuantizedClusters
 
-    _QuantizedClusters(start, precision).hard_project_(start)
+    QuantizedClusters(start, precision).hard_project_(start)
     saved = load_checkpoint(tmp_path / "rt" / "best.pt")["model"]
     assert all(torch.equal(saved[k], v) for k, v in start.state_dict().items())
 
 
 def test_ste_validates_with_the_scales_it_trained_with() -> None:
     """Evaluation projects with the training forward's scales, not ones re-solved on the latents."""
-    from nas.admm import SteHooks
+    from nas.ste import SteHooks
     from search_spaces.quant import quantize_codes
 
     torch.manual_seed(0)
@@ -201,7 +322,7 @@ def test_ste_validates_with_the_scales_it_trained_with() -> None:
 
 
 def test_ste_best_weights_are_a_fixed_point_of_the_projection(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from nas.admm import _QuantizedClusters
+    from nas.ste import QuantizedClusters
 
     corpus_dir, fp = fp_run
     precision = PrecisionMap.uniform(_model_from(fp), 2, granularity="row")
@@ -209,5 +330,22 @@ def test_ste_best_weights_are_a_fixed_point_of_the_projection(fp_run: tuple[Path
             progress=False)
     model = _model_from(tmp_path / "ste" / "best.pt")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _QuantizedClusters(model, precision).hard_project_(model)
+    QuantizedClusters(model, precision).hard_project_(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_latent_forward_admm_is_the_papers_w_step(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """``admm_forward: latent`` takes the gradient at W (no swap) and still ends on the table."""
+    corpus_dir, fp = fp_run
+    corpus = load_corpus(corpus_dir)
+    precision = PrecisionMap.uniform(_model_from(fp), 2)
+    latent = parse_config({**EXP, "retrain": {**EXP["retrain"], "admm_forward": "latent"}})
+    metrics = retrain(latent, corpus, fp, precision, tmp_path / "latent", method="admm", progress=False)
+    _assert_on_table(_model_from(tmp_path / "latent" / "best.pt"), precision)
+    assert metrics["admm_residuals"][-1]["primal"] < metrics["admm_residuals"][0]["primal"]
+    retrain(parse_config(EXP), corpus, fp, precision, tmp_path / "quantized", method="admm", progress=False)
+    a = load_checkpoint(tmp_path / "latent" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "quantized" / "checkpoint.pt")["model"]
+    assert not all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="admm_forward"):
+        parse_config({**EXP, "retrain": {**EXP["retrain"], "admm_forward": "continuous"}})
