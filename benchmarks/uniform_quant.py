@@ -115,7 +115,8 @@ def measure_ratio(exp: object, corpus: object, ckpt: dict, precision: PrecisionM
 
     ADMM's projection (every ``project_every`` steps) is timed once per round and amortised.
     """
-    batches = epoch_batches(exp, corpus, 0, DistInfo(), recurrent=exp.model_type == "lstm")[: steps + 5]
+    batches_all = epoch_batches(exp, corpus, 0, DistInfo(), recurrent=exp.model_type == "lstm")
+    batches = batches_all[: steps + 5]
     config = dict(ckpt["config"])
     kind = config.pop("type")
     fp_times, q_times, projection_s = [], [], []
@@ -124,6 +125,7 @@ def measure_ratio(exp: object, corpus: object, ckpt: dict, precision: PrecisionM
             model = build_model(kind, **config)
             model.load_state_dict(ckpt["model"])
             hooks = TrainingHooks() if hooks_kind == "fp" else make_hooks(exp.retrain, precision, method)(model)
+            hooks.begin(len(batches_all))
             sink += time_hooks(model, hooks, batches)[5:]  # skip warm-up steps
             if hooks_kind == "admm":  # the projections fall outside the timed steps: amortise one
                 period = hooks.rescale_every

@@ -91,8 +91,8 @@ class AdmmHooks(SteHooks):
         return 0.5 * self.rho * sum(float(((views[n] - self.g(n) + self.u[n]) ** 2).sum()) for n in views)
 
     @torch.no_grad()
-    def after_step(self, model: nn.Module, global_step: int, lr: float = 0.0, loss_scale: float = 1.0) -> None:
-        super().after_step(model, global_step, lr, loss_scale)
+    def after_step(self, model: nn.Module, global_step: int, *, lr: float, loss_scale: float) -> None:
+        super().after_step(model, global_step, lr=lr, loss_scale=loss_scale)
         views = self.q.views(model)
         eta = lr * self.rho * loss_scale
         if eta > 0:

@@ -71,7 +71,7 @@ class RetrainSection(TrainSection):
 
     method: str = "admm"  # admm | ste
     epochs: int = 3
-    rho: float = 1e-3  # ADMM: initial penalty weight (0 = plain STE); the pull's step is lr * rho * loss scale
+    rho: float = 1e-3  # ADMM: initial penalty weight (0 = STE with the quantized forward); pull step lr*rho*loss scale
     rho_growth: float = 1.0  # ADMM: rho = rho * rho_growth ** (epochs trained), set at each projection
     rho_max: float = 1.0
     project_every: int = 200  # ADMM: steps between projections (= dual updates); STE: between scale re-solves

@@ -8,6 +8,7 @@ towards); ``metrics.json`` adds the size numbers of :func:`evaluators.size.model
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from evaluators.size import model_size
 from nas.admm import AdmmHooks
-from nas.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from nas.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from nas.config import ExperimentConfig, RetrainSection
 from nas.data import Corpus
 from nas.distill import Distiller
@@ -72,27 +73,51 @@ def make_distiller(cfg: RetrainSection, ckpt: dict[str, Any], device: str | None
     return Distiller(teacher, cfg.distill, cfg.distill_temperature)
 
 
+def _copy_file(src: Path, dst: Path) -> None:
+    atomic_write_bytes(dst, src.read_bytes())
+
+
 def _ste_tail(exp: ExperimentConfig, corpus: Corpus, cfg: RetrainSection, precision: PrecisionMap,
-              out_dir: Path, metrics: dict[str, Any], device: str | None, resume: bool, progress: bool
-              ) -> dict[str, Any]:
+              ckpt: dict[str, Any], out_dir: Path, metrics: dict[str, Any], device: str | None, resume: bool,
+              progress: bool) -> dict[str, Any]:
     """A short STE fine-tune from ADMM's best weights; keeps whichever of the two validates better.
 
-    The tail draws its batches with another seed (a Transformer would otherwise replay the
-    first batches of ADMM's first epoch) and runs in ``out_dir/ste_finetune``; ADMM's metrics
-    (residuals included) stay, with the tail's valid perplexity and the choice recorded.
+    ADMM's result is kept apart first (``admm_best.pt``, ``admm_metrics.json``), so a killed or
+    resumed run never mistakes the tail's weights for ADMM's. The tail draws its batches with
+    another seed (a Transformer would otherwise replay the first batches of ADMM's first epoch),
+    is distilled like ADMM was, and runs in ``out_dir/ste_finetune``; ``best.pt`` becomes a copy
+    of the winner. ADMM's metrics (residuals included) stay, with the tail's valid perplexity and
+    the choice recorded.
     """
-    tuned = load_checkpoint(out_dir / "best.pt")
+    main = dist_info_from_env().is_main
+    admm_best = out_dir / "admm_best.pt"
+    tuned = load_checkpoint(admm_best if admm_best.is_file() else out_dir / "best.pt")
+    if main and not admm_best.is_file():
+        _copy_file(out_dir / "best.pt", admm_best)
+        atomic_write_json(out_dir / "admm_metrics.json", metrics)
     short = dataclasses.replace(cfg, epochs=1, max_steps_per_epoch=cfg.ste_finetune_steps, seed=cfg.seed + 1)
     tail_exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, seed=exp.train.seed + 1))
     tail = train(tail_exp, corpus, out_dir / "ste_finetune", device=device, resume=resume, progress=progress,
-                 train_cfg=short, initial_state=tuned["model"], make_hooks=make_hooks(cfg, precision, "ste"))
+                 train_cfg=short, initial_state=tuned["model"], make_hooks=make_hooks(cfg, precision, "ste"),
+                 distiller=make_distiller(cfg, ckpt, device))
     kept = tail["valid_ppl"] < metrics["valid_ppl"]
     merged = {**metrics, "ste_finetune_valid_ppl": tail["valid_ppl"], "ste_finetune_kept": kept}
     if kept:
-        (out_dir / "ste_finetune" / "best.pt").replace(out_dir / "best.pt")
         merged.update(valid_ppl=tail["valid_ppl"], test_ppl=tail["test_ppl"])
-    atomic_write_json(out_dir / "metrics.json", merged)
+    if main:
+        _copy_file(out_dir / "ste_finetune" / "best.pt" if kept else admm_best, out_dir / "best.pt")
     return merged
+
+
+def _finished(out_dir: Path, method: str, precision: PrecisionMap) -> dict[str, Any] | None:
+    """metrics.json of a run that completed with this method and map (a resumed finished run is a no-op)."""
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    if metrics.get("method") == method and metrics.get("precision") == dict(precision.bits):
+        return metrics
+    return None
 
 
 def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt: dict[str, Any],
@@ -114,6 +139,8 @@ def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt:
     metrics = {**metrics, "start_valid_ppl": valid, "kept_start": False}
     if valid < metrics["valid_ppl"]:
         metrics.update(valid_ppl=valid, test_ppl=_evaluate(start, exp, corpus, "test", dev), kept_start=True)
+        if metrics.get("ste_finetune_kept"):
+            metrics["ste_finetune_kept"] = False
         save_checkpoint(out_dir / "best.pt", {"model": start.state_dict(), "config": ckpt["config"],
                                               "vocab": list(corpus.vocab.words), "valid_ppl": valid, "epoch": 0})
     return metrics
@@ -139,14 +166,20 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
         raise ValueError(f"unknown retraining method {method!r}; expected 'admm' or 'ste'")
     out_dir.mkdir(parents=True, exist_ok=True)
     precision.save(out_dir / "precision.yaml")
-    metrics = train(exp, corpus, out_dir, device=device, resume=resume, progress=progress,
-                    checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps, train_cfg=cfg,
-                    initial_state=ckpt["model"], make_hooks=make_hooks(cfg, precision, method),
-                    distiller=make_distiller(cfg, ckpt, device))
-    if metrics.get("stopped_early"):
-        return metrics
-    if method == "admm" and cfg.ste_finetune_steps:
-        metrics = _ste_tail(exp, corpus, cfg, precision, out_dir, metrics, device, resume, progress)
+    if resume and (done := _finished(out_dir, method, precision)) is not None:
+        return done
+    tail = method == "admm" and cfg.ste_finetune_steps > 0
+    if resume and tail and (out_dir / "admm_metrics.json").is_file():
+        metrics = json.loads((out_dir / "admm_metrics.json").read_text())  # ADMM finished before the tail
+    else:
+        metrics = train(exp, corpus, out_dir, device=device, resume=resume, progress=progress,
+                        checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps, train_cfg=cfg,
+                        initial_state=ckpt["model"], make_hooks=make_hooks(cfg, precision, method),
+                        distiller=make_distiller(cfg, ckpt, device))
+        if metrics.get("stopped_early"):
+            return metrics
+    if tail:
+        metrics = _ste_tail(exp, corpus, cfg, precision, ckpt, out_dir, metrics, device, resume, progress)
     if not dist_info_from_env().is_main:
         # rank 0 alone finishes the run folder (the process group is gone); sizes need only shapes
         return {**metrics, "method": method, "precision": dict(precision.bits), **model_size(probe, precision)}

@@ -96,6 +96,7 @@ class SteHooks(TrainingHooks):
         self.rescale_every = rescale_every
         self.rescale_every_epochs = rescale_every_epochs
         self.steps_per_epoch = 0
+        self.device = next(model.parameters()).device
         self.alpha: dict[str, torch.Tensor] = {}
         self.latent: dict[str, torch.Tensor] = {}
         self.steps = 0
@@ -136,7 +137,7 @@ class SteHooks(TrainingHooks):
             view.copy_(self.latent[name])
         self.latent = {}
 
-    def after_step(self, model: nn.Module, global_step: int, lr: float = 0.0, loss_scale: float = 1.0) -> None:
+    def after_step(self, model: nn.Module, global_step: int, *, lr: float, loss_scale: float) -> None:
         self.steps += 1
 
     def evaluation(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
@@ -154,4 +155,4 @@ class SteHooks(TrainingHooks):
         if not state:
             return
         self.steps = int(state["steps"])
-        self.alpha = dict(state["alpha"])  # moved to the weights' device on use
+        self.alpha = {k: v.to(self.device) for k, v in state["alpha"].items()}

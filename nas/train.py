@@ -55,7 +55,7 @@ class TrainingHooks:
     def before_step(self, model: nn.Module) -> None:
         """Called after backward, before gradient clipping and the optimizer step."""
 
-    def after_step(self, model: nn.Module, global_step: int, lr: float = 0.0, loss_scale: float = 1.0) -> None:
+    def after_step(self, model: nn.Module, global_step: int, *, lr: float, loss_scale: float) -> None:
         """Called after each optimizer step, with the step's learning rate and loss scale.
 
         ADMM applies its proximal pull here, outside the optimizer, so Adam cannot normalise it away.

@@ -85,11 +85,12 @@ def test_admm_beats_plain_projection(fp_run: tuple[Path, Path], tmp_path: Path) 
     assert metrics["valid_ppl"] < baseline
 
 
-def test_admm_resume_matches_uninterrupted(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("period", [{"project_every": 5}, {"project_every_epochs": 0.5, "rho_growth": 3.0}])
+def test_admm_resume_matches_uninterrupted(period: dict, fp_run: tuple[Path, Path], tmp_path: Path) -> None:
     corpus_dir, fp = fp_run
     corpus = load_corpus(corpus_dir)
     precision = PrecisionMap.uniform(_model_from(fp), 2)
-    exp = parse_config(EXP)
+    exp = parse_config({**EXP, "retrain": {**EXP["retrain"], **period}})
     retrain(exp, corpus, fp, precision, tmp_path / "straight", progress=False)
     first = retrain(exp, corpus, fp, precision, tmp_path / "resumed", progress=False, stop_after_steps=13)
     assert first["stopped_early"]
@@ -97,7 +98,7 @@ def test_admm_resume_matches_uninterrupted(fp_run: tuple[Path, Path], tmp_path: 
     a = load_checkpoint(tmp_path / "straight" / "best.pt")["model"]
     b = load_checkpoint(tmp_path / "resumed" / "best.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # stopped 3 steps into a 5-step projection period: the dual state resumes exactly too
+    # stopped mid projection period: the dual state resumes exactly too
     a, b = (load_checkpoint(tmp_path / run / "checkpoint.pt")["hooks"] for run in ("straight", "resumed"))
     assert a["residuals"] == b["residuals"] and a["rho"] == b["rho"]
     for key in ("u", "g_codes", "g_alpha", "alpha"):
@@ -253,8 +254,8 @@ def test_a_harmful_ste_tail_is_discarded(fp_run: tuple[Path, Path], tmp_path: Pa
     from nas.ste import SteHooks
 
     class Wrecking(SteHooks):
-        def after_step(self, model, global_step, lr=0.0, loss_scale=1.0):  # noqa: ANN001
-            super().after_step(model, global_step, lr, loss_scale)
+        def after_step(self, model, global_step, *, lr, loss_scale):  # noqa: ANN001
+            super().after_step(model, global_step, lr=lr, loss_scale=loss_scale)
             with torch.no_grad():
                 for view in self.q.views(model).values():
                     view.mul_(-3.0)
@@ -336,16 +337,62 @@ def test_ste_best_weights_are_a_fixed_point_of_the_projection(fp_run: tuple[Path
 
 def test_latent_forward_admm_is_the_papers_w_step(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
     """``admm_forward: latent`` takes the gradient at W (no swap) and still ends on the table."""
+    from nas.admm import AdmmHooks
+
     corpus_dir, fp = fp_run
+    model = _model_from(fp)
+    precision = PrecisionMap.uniform(model, 2)
+    hooks = AdmmHooks(model, precision, forward="latent")
+    before = {n: v.detach().clone() for n, v in hooks.q.views(model).items()}
+    hooks.before_forward(model)  # the forward sees the continuous weights, off the table
+    assert all(torch.equal(v, before[n]) for n, v in hooks.q.views(model).items())
+    with hooks.evaluation(model):  # validation: the closed-form projection of W
+        for name, view in hooks.q.views(model).items():
+            assert torch.equal(view, hooks.q.project(name, before[name])), name
     corpus = load_corpus(corpus_dir)
-    precision = PrecisionMap.uniform(_model_from(fp), 2)
     latent = parse_config({**EXP, "retrain": {**EXP["retrain"], "admm_forward": "latent"}})
     metrics = retrain(latent, corpus, fp, precision, tmp_path / "latent", method="admm", progress=False)
     _assert_on_table(_model_from(tmp_path / "latent" / "best.pt"), precision)
     assert metrics["admm_residuals"][-1]["primal"] < metrics["admm_residuals"][0]["primal"]
-    retrain(parse_config(EXP), corpus, fp, precision, tmp_path / "quantized", method="admm", progress=False)
-    a = load_checkpoint(tmp_path / "latent" / "checkpoint.pt")["model"]
-    b = load_checkpoint(tmp_path / "quantized" / "checkpoint.pt")["model"]
-    assert not all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="admm_forward"):
         parse_config({**EXP, "retrain": {**EXP["retrain"], "admm_forward": "continuous"}})
+
+
+def test_dual_is_rescaled_when_rho_changes(fp_run: tuple[Path, Path]) -> None:
+    """Scaled form: rho * U (the unscaled dual) is unchanged by a change of rho."""
+    from nas.admm import AdmmHooks
+
+    _, fp = fp_run
+    model = _model_from(fp)
+    hooks = AdmmHooks(model, PrecisionMap.uniform(model, 2), rho=0.5, rho_growth=4.0, rho_max=100.0,
+                      project_every=3)
+    hooks.begin(steps_per_epoch=6)
+    torch.manual_seed(0)
+    for name in hooks.u:
+        hooks.u[name].normal_(0, 0.01)
+    unscaled = {n: 0.5 * u.clone() for n, u in hooks.u.items()}
+    views = hooks.q.views(model)
+    w = {n: v.detach().clone() for n, v in views.items()}
+    hooks.steps = 3  # half an epoch: rho -> 0.5 * 4 ** 0.5 = 1.0, then the dual update U += W - G
+    hooks._project(views)
+    assert hooks.rho == pytest.approx(1.0)
+    for name, u in hooks.u.items():
+        torch.testing.assert_close(u - (w[name] - hooks.g(name)), unscaled[name] / 1.0, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_of_a_finished_run_with_a_tail_changes_nothing(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus_dir, fp = fp_run
+    corpus = load_corpus(corpus_dir)
+    precision = PrecisionMap.uniform(_model_from(fp), 2)
+    exp = parse_config({**EXP, "retrain": {**EXP["retrain"], "ste_finetune_steps": 6}})
+    first = retrain(exp, corpus, fp, precision, tmp_path / "a", method="admm", progress=False)
+    saved = load_checkpoint(tmp_path / "a" / "best.pt")["model"]
+    again = retrain(exp, corpus, fp, precision, tmp_path / "a", method="admm", progress=False, resume=True)
+    assert again == first
+    assert all(torch.equal(saved[k], v) for k, v in load_checkpoint(tmp_path / "a" / "best.pt")["model"].items())
+    # killed after ADMM finished but before the tail did: the resumed run ends as the uninterrupted one
+    (tmp_path / "a" / "metrics.json").unlink()
+    resumed = retrain(exp, corpus, fp, precision, tmp_path / "a", method="admm", progress=False, resume=True)
+    assert resumed["valid_ppl"] == first["valid_ppl"]
+    assert resumed["ste_finetune_kept"] == first["ste_finetune_kept"]
+    assert resumed["admm_residuals"] == first["admm_residuals"]
