@@ -1,7 +1,7 @@
 """Collect ``mpnas retrain`` run folders into one CSV (the raw rows of a RESULTS.md table).
 
     .venv/bin/python benchmarks/collect_retrain.py benchmarks/runs/kd/lstm/kl_b2_kd \\
-        benchmarks/runs/kd/lstm/uniform2_kd --fp benchmarks/checkpoints/lstm/best.pt \\
+        benchmarks/runs/kd/lstm/uniform2_kd --fp benchmarks/checkpoints/ptb_lstm.safetensors \\
         --out benchmarks/results/kd_retrain.csv
 
 One row per run folder: the map's strategy (from ``precision.yaml``'s meta, ``uniform`` for

@@ -12,7 +12,7 @@ NNI is not an mpnas dependency; use its own venv (from the repository root)::
 
     python3 -m venv .venv-nni && .venv-nni/bin/pip install -q -r requirements-nni.txt -e .
     OMP_NUM_THREADS=1 .venv-nni/bin/python benchmarks/nni_peers.py \\
-        --checkpoint benchmarks/checkpoints/lstm/best.pt --config ptb_lstm \\
+        --checkpoint benchmarks/checkpoints/ptb_lstm.safetensors --config ptb_lstm \\
         --method qat --bits 4 --data ../shared/data/ptb [--epochs 3] [--max-steps N]
 
 It prints one JSON line: valid_ppl, test_ppl, avg_bits, theoretical_bytes, compression,

@@ -3,7 +3,8 @@
     MPNAS_DATA=../shared/data/ptb .venv/bin/python benchmarks/search_cost.py --model lstm \\
         --strategies kl hessian gumbel --threads 1
 
-For the FP checkpoint ``benchmarks/checkpoints/<model>/best.pt``: the FP epoch time (median
+For the FP checkpoint (``--checkpoint``;
+default: the committed reference ``benchmarks/checkpoints/ptb_<model>.safetensors``): the FP epoch time (median
 step on real batches x steps per epoch, as ``search_sweep.py``) is measured before and after
 the searches, and each strategy searches a 2.0-bit map from scratch (no score-table cache) with
 the settings of ``search_spaces/ptb_<model>.yaml`` (gumbel: ``--gumbel-epochs``). The ratio uses
@@ -46,6 +47,7 @@ def write_rows(path: Path, model: str, rows: list[dict[str, object]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--checkpoint", type=Path, help="FP checkpoint (default: the committed reference)")
     parser.add_argument("--strategies", nargs="+", default=["kl", "hessian"],
                         choices=["kl", "hessian", "gumbel"])
     parser.add_argument("--gumbel-epochs", type=float, default=0.5)
@@ -56,7 +58,7 @@ def main() -> None:
     exp = load_config(CONFIGS[args.model])
     exp = dataclasses.replace(exp, search=dataclasses.replace(exp.search, epochs=args.gumbel_epochs))
     corpus = load_corpus(resolve_data_dir(args.data))
-    fp_path = HERE / "checkpoints" / args.model / "best.pt"
+    fp_path = args.checkpoint or HERE / "checkpoints" / f"ptb_{args.model}.safetensors"
     before = fp_epoch_seconds(exp, corpus, load_fp_checkpoint(fp_path, corpus))
     print(f"FP epoch before: {before:.1f} s", flush=True)
     seconds = {}

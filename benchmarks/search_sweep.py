@@ -4,7 +4,8 @@
         --budgets 1.5 2 3 4 --strategies uniform random kl hessian gumbel \\
         --retrain-steps 800 --gumbel-epochs 0.5 --threads 1
 
-It runs ``mpnas pipeline`` (nas/pipeline.py) from ``benchmarks/checkpoints/<model>/best.pt``
+It runs ``mpnas pipeline`` (nas/pipeline.py) from ``--checkpoint``
+(default: the committed reference ``benchmarks/checkpoints/ptb_<model>.safetensors``)
 into ``benchmarks/runs/<model>_search/`` (resumable: rerun the command after an interruption),
 with candidates 1, 2, 4, 8 (the config's ``space``), every map retrained with the config's
 ``retrain`` section (ADMM) capped at ``--retrain-steps`` steps. Then it writes
@@ -83,6 +84,7 @@ def write_csv(path: Path, model: str, rows: list[dict], fp_epoch_s: float) -> No
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--checkpoint", type=Path, help="FP checkpoint (default: the committed reference)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--strategies", nargs="+", default=["uniform", "random", "kl", "hessian", "gumbel"])
     parser.add_argument("--retrain-steps", type=int, default=800, help="cap on retraining steps (every map)")
@@ -105,7 +107,7 @@ def main() -> None:
         exp, retrain=dataclasses.replace(exp.retrain, epochs=1, max_steps_per_epoch=args.retrain_steps),
         search=dataclasses.replace(exp.search, epochs=args.gumbel_epochs))
     out = Path(args.out) if args.out else HERE / "runs" / f"{args.model}_search"
-    fp_path = HERE / "checkpoints" / args.model / "best.pt"
+    fp_path = args.checkpoint or HERE / "checkpoints" / f"ptb_{args.model}.safetensors"
     if args.collect_only:
         rows = read_rows(out)
     else:

@@ -2,7 +2,8 @@
 
     MPNAS_DATA=../shared/data/ptb .venv/bin/python benchmarks/step_time.py --model lstm --steps 30 --threads 1
 
-For the FP checkpoint ``benchmarks/checkpoints/<model>/best.pt`` it times, on the same PTB
+For the FP checkpoint (``--checkpoint``;
+default: the committed reference ``benchmarks/checkpoints/ptb_<model>.safetensors``) it times, on the same PTB
 batches and interleaved in rounds (so load changes on a shared machine hit every method alike):
 a plain FP step, an ADMM step and an STE step at uniform 2 bits, and a Gumbel supernet weight
 step over candidates {1, 2, 4, 8}. Prints and writes ``benchmarks/results/step_time.csv``
@@ -84,6 +85,7 @@ def time_supernet(model: torch.nn.Module, batches: list, rescale_every: int = 50
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
+    parser.add_argument("--checkpoint", type=Path, help="FP checkpoint (default: the committed reference)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data")
@@ -93,7 +95,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     exp = load_config(CONFIGS[args.model])
     corpus = load_corpus(resolve_data_dir(args.data))
-    ckpt = load_fp_checkpoint(HERE / "checkpoints" / args.model / "best.pt", corpus)
+    ckpt = load_fp_checkpoint(args.checkpoint or HERE / "checkpoints" / f"ptb_{args.model}.safetensors", corpus)
     batches = epoch_batches(exp, corpus, 0, DistInfo(), recurrent=args.model == "lstm")[: args.steps + 3]
     precision = PrecisionMap.uniform(_fresh(ckpt), 2)
     times: dict[str, list[float]] = {"fp": [], "admm": [], "ste": [], "gumbel": []}

@@ -1,8 +1,10 @@
 """WER of rescoring the HyPoradise WSJ 5-best lists with an mpnas LM (dev93 tunes, eval92 tests).
 
-    python benchmarks/wer_rescoring.py --model benchmarks/checkpoints/lstm/best.pt --name ptb_lstm_fp --threads 1
+    python benchmarks/wer_rescoring.py --model benchmarks/checkpoints/ptb_lstm.safetensors --name ptb_lstm_fp \\
+        --threads 1
     python benchmarks/wer_rescoring.py --model runs/lstm_admm/model.mpq --name ptb_lstm_mp \\
-        --vocab benchmarks/checkpoints/lstm/best.pt --compare benchmarks/checkpoints/lstm/best.pt --threads 1 \\
+        --vocab benchmarks/checkpoints/ptb_lstm.safetensors \\
+        --compare benchmarks/checkpoints/ptb_lstm.safetensors --threads 1 \\
         [--extra runs/lstm_admm/best.pt=ptb_lstm_mp_fakequant]
 
 ``--nbest`` defaults to ``../shared/data/nbest/hyporadise/test_wsj_score.json``; the first
