@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from nas.config import ConfigError, load_config
-from nas.data import DataError, load_corpus, resolve_data_dir
+from nas.data import DataError, describe_vocab_mismatch, format_corpus_summary, load_corpus, resolve_data_dir
 from nas.nbest_cli import add_nbest_arguments
 from nas.nni_launcher import add_nni_parser
 from nas.pipeline import add_pipeline_parser, run_from_args
@@ -32,6 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     exp = load_config(args.config)
     corpus = load_corpus(resolve_data_dir(args.data or exp.data.path))
+    print(format_corpus_summary(corpus.summary()), flush=True)
     out = Path(args.out or Path("runs") / Path(exp.source).stem)
     metrics = train(exp, corpus, out, device=args.device, resume=args.resume,
                     progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
@@ -78,7 +79,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, size, vocab = _load_any_model(path)
     corpus = load_corpus(resolve_data_dir(args.data))
     if vocab is not None and vocab != corpus.vocab.words:
-        raise ValueError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}")
+        raise ValueError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}: "
+                         f"{describe_vocab_mismatch(vocab, corpus.vocab.words)}")
     result: dict[str, object] = {"size": size}
     for split in args.splits:
         ppl = perplexity(model, corpus.split(split), corpus.vocab.eos_id, batch_size=args.batch_size,

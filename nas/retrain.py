@@ -18,7 +18,7 @@ from evaluators.size import model_size
 from nas.admm import AdmmHooks
 from nas.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from nas.config import ExperimentConfig, RetrainSection
-from nas.data import Corpus
+from nas.data import Corpus, describe_vocab_mismatch
 from nas.distill import Distiller
 from nas.distributed import dist_info_from_env, resolve_device
 from nas.ste import QuantizedClusters, SteHooks
@@ -34,7 +34,8 @@ def load_fp_checkpoint(path: str | Path, corpus: Corpus | None = None) -> dict[s
         if key not in ckpt:
             raise ValueError(f"{path}: not an mpnas model checkpoint (missing '{key}')")
     if corpus is not None and "vocab" in ckpt and tuple(ckpt["vocab"]) != corpus.vocab.words:
-        raise ValueError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}")
+        raise ValueError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}: "
+                         f"{describe_vocab_mismatch(ckpt['vocab'], corpus.vocab.words)}")
     return ckpt
 
 

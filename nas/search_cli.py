@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from nas.config import ExperimentConfig, load_config
-from nas.data import load_corpus, resolve_data_dir
+from nas.data import describe_vocab_mismatch, format_corpus_summary, load_corpus, resolve_data_dir
 from search_spaces.models import build_model
 from search_spaces.space import BUDGET_KINDS, SearchSpace
 
@@ -48,7 +48,9 @@ def cmd_space(args: argparse.Namespace) -> int:
     exp = load_config(args.config)
     vocab_size = None
     if not args.checkpoint:
-        vocab_size = len(load_corpus(resolve_data_dir(args.data or exp.data.path)).vocab)
+        corpus = load_corpus(resolve_data_dir(args.data or exp.data.path))
+        print(format_corpus_summary(corpus.summary()))
+        vocab_size = len(corpus.vocab)
     model, _ = model_for(exp, args.checkpoint, vocab_size)
     budget = parse_budget(args.budget) if args.budget else exp.budget
     space = SearchSpace.from_config(exp.space, budget, model, exp.source)
@@ -66,7 +68,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     corpus = load_corpus(resolve_data_dir(args.data or exp.data.path))
     model, ckpt = model_for(exp, args.checkpoint, len(corpus.vocab))
     if ckpt is not None and "vocab" in ckpt and tuple(ckpt["vocab"]) != corpus.vocab.words:
-        raise ValueError(f"{args.checkpoint}: its vocabulary differs from the corpus in {corpus.folder}")
+        raise ValueError(f"{args.checkpoint}: its vocabulary differs from the corpus in {corpus.folder}: "
+                         f"{describe_vocab_mismatch(ckpt['vocab'], corpus.vocab.words)}")
     budget = parse_budget(args.budget) if args.budget else exp.budget
     space = SearchSpace.from_config(exp.space, budget, model, exp.source)
     settings = exp.search

@@ -324,7 +324,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
         "test_ppl": _evaluate(model, exp, corpus, "test", dev),
         "train_tokens_per_s": (train_tokens / train_seconds) if train_seconds else
         (history[-1]["tokens_per_s"] if history else 0.0),
-        "history": history, "world_size": info.world_size, **hooks.metrics(),
+        "history": history, "world_size": info.world_size, "corpus": corpus.summary(), **hooks.metrics(),
     }
     if info.is_main:
         atomic_write_json(out_dir / "metrics.json", metrics)

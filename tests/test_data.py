@@ -44,7 +44,7 @@ def test_ptb_prefixed_names_are_accepted(tmp_path: Path, tiny_corpus_dir: Path) 
 def test_eos_appended_and_vocab_from_train(tmp_path: Path) -> None:
     path = tmp_path / "x.txt"
     path.write_text(" a b \n\n c a \n")
-    assert read_sentences(path) == [["a", "b", EOS], ["c", "a", EOS]]
+    assert read_sentences(path) == [["a", "b", EOS], [EOS], ["c", "a", EOS]]  # blank line: one <eos>
     vocab = Vocabulary.from_sentences(read_sentences(path))
     assert vocab.words == ("a", "b", EOS, "c")
     assert vocab.encode([["c", "a", EOS]]).tolist() == [3, 0, 2]
