@@ -65,6 +65,14 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
         if key in seen and value.numel() > 0:  # empty tensors may all report data_ptr 0
             aliases[name] = seen[key]
             continue
+        # A tie that a clone broke (best.pt of older runs holds the tied decoder as a copy):
+        # an equal tensor of the same shape is stored once too; loading copies values anyway.
+        # Matrices only: equal vectors (an untrained model's zero biases, LayerNorm ones) are not ties.
+        twin = next((n for n, t in tensors.items() if value.dim() >= 2 and t.shape == value.shape
+                     and t.dtype == value.dtype and torch.equal(t, value.detach().cpu())), None)
+        if twin is not None:
+            aliases[name] = twin
+            continue
         seen[key] = name
         # A private, contiguous CPU copy: safetensors refuses tensors that share memory, and
         # views that only partly overlap another entry (none in mpnas models) are stored apart.

@@ -143,6 +143,18 @@ def _evaluate(model: nn.Module, exp: ExperimentConfig, corpus: Corpus, split: st
                       bptt=exp.data.bptt, stride=exp.data.eval_stride, device=device)["ppl"]
 
 
+def _clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A detached copy of a state_dict that keeps tied tensors tied (saved once by torch.save)."""
+    copies: dict[tuple[int, int], torch.Tensor] = {}
+    out = {}
+    for key, value in state.items():
+        tag = (value.untyped_storage().data_ptr(), value.storage_offset())
+        if tag not in copies or copies[tag].shape != value.shape:
+            copies[tag] = value.detach().clone()
+        out[key] = copies[tag]
+    return out
+
+
 def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
@@ -294,7 +306,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
         train_tokens += epoch_tokens
         with hooks.evaluation(model):
             valid_ppl = _evaluate(model, exp, corpus, "valid", dev)
-            state_for_best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            state_for_best = _clone_state(model.state_dict())
         if math.isnan(valid_ppl):
             raise TrainingDivergedError(
                 f"{exp.source}: training diverged at epoch {epoch + 1}: validation loss is NaN (lr={lr:g}). "

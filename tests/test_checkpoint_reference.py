@@ -254,3 +254,13 @@ def test_committed_reference(model: str) -> None:
     tokens = corpus.valid[: meta["valid_slice_tokens"]]
     ppl = perplexity(net, tokens, corpus.vocab.eos_id, device="cpu", **settings)["ppl"]
     assert ppl == pytest.approx(meta["valid_slice_ppl"], rel=1e-4)
+
+
+def test_a_tie_broken_by_a_clone_is_still_stored_once(tmp_path: Path) -> None:
+    """best.pt files of older runs hold the tied decoder as a copy: equal values are stored once."""
+    ckpt = tiny_ckpt("transformer")
+    ckpt["model"] = {k: v.clone() for k, v in ckpt["model"].items()}
+    assert ckpt["model"]["decoder.weight"].data_ptr() != ckpt["model"]["embedding.weight"].data_ptr()
+    loaded = load_reference(write(tmp_path / "ref.safetensors", ckpt))
+    assert loaded["meta"]["aliases"] == {"decoder.weight": "embedding.weight"}
+    assert all(torch.equal(loaded["model"][k], v) for k, v in ckpt["model"].items())

@@ -122,3 +122,12 @@ def test_torchrun_retrain_reads_best_only_when_written(tiny_corpus_dir: Path, tm
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         assert (out / "best.pt").is_file() and (out / "metrics.json").is_file()
+
+
+def test_best_checkpoint_keeps_tied_weights_tied(tiny_corpus_dir: Path, tmp_path: Path) -> None:
+    """best.pt stores a tied embedding/decoder once (it used to clone them apart: twice the size)."""
+    corpus = load_corpus(tiny_corpus_dir)
+    exp = parse_config({**TRANSFORMER, "train": {**TRANSFORMER["train"], "epochs": 1}})
+    train(exp, corpus, tmp_path / "run", progress=False)
+    best = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
+    assert best["decoder.weight"].data_ptr() == best["embedding.weight"].data_ptr()
