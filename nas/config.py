@@ -69,7 +69,9 @@ class TrainSection:
 class RetrainSection(TrainSection):
     """Quantization-aware retraining from an FP checkpoint (optimiser keys as in ``train``)."""
 
-    method: str = "admm"  # admm | ste
+    # ste | admm. STE is the default because it retrains converged FP models best (RESULTS, "Uniform
+    # precision from the reference checkpoints": ADMM's pull only hurt at every rho TPE tried).
+    method: str = "ste"
     epochs: int = 3
     rho: float = 1e-3  # ADMM: initial penalty weight (0 = STE with the quantized forward); pull step lr*rho*loss scale
     rho_growth: float = 1.0  # ADMM: rho = rho * rho_growth ** (epochs trained), set at each projection

@@ -21,7 +21,7 @@ from tests.synthetic import write_synthetic_corpus
 EXP = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers": 1, "dropout": 0.1},
        "data": {"batch_size": 4, "bptt": 10, "eval_batch_size": 2},
        "train": {"optimizer": "adam", "lr": 0.02, "schedule": "constant", "epochs": 2, "seed": 1},
-       "retrain": {"optimizer": "adam", "lr": 0.005, "schedule": "constant", "epochs": 2, "rho": 10.0,
+       "retrain": {"method": "admm", "optimizer": "adam", "lr": 0.005, "schedule": "constant", "epochs": 2, "rho": 10.0,
                    "rho_growth": 2.0, "rho_max": 100.0, "project_every": 5, "seed": 2}}
 
 
