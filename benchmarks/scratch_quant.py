@@ -19,16 +19,15 @@ import argparse
 import csv
 import dataclasses
 import fcntl
-import io
 from pathlib import Path
 
 import torch
 
-from nas.checkpoint import atomic_write_text
 from nas.config import load_config
 from nas.data import load_corpus, resolve_data_dir
 from nas.retrain import make_hooks
 from nas.train import train
+from search_spaces.atomic import atomic_write_csv
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
 
@@ -45,12 +44,9 @@ def replace_rows(path: Path, columns: list[str], key: tuple[str, str, str], rows
         kept = []
         if path.is_file():
             kept = [r for r in csv.DictReader(path.open()) if (r["model"], r["method"], r["bits"]) != key]
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(sorted(kept + [{k: r[k] for k in columns} for r in rows],
-                                key=lambda r: (r["model"], r["method"], -int(r["bits"]), float(r.get("epoch", 0)))))
-        atomic_write_text(path, buffer.getvalue())
+        atomic_write_csv(path, columns, sorted(kept + [{k: r[k] for k in columns} for r in rows],
+                                               key=lambda r: (r["model"], r["method"], -int(r["bits"]),
+                                                              float(r.get("epoch", 0)))))
 
 
 def main() -> None:

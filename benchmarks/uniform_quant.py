@@ -24,7 +24,6 @@ import argparse
 import csv
 import dataclasses
 import fcntl
-import io
 import json
 import statistics
 import subprocess
@@ -40,6 +39,7 @@ from nas.data import load_corpus, resolve_data_dir
 from nas.distributed import DistInfo
 from nas.retrain import load_fp_checkpoint, make_hooks, retrain
 from nas.train import TrainingHooks, epoch_batches
+from search_spaces.atomic import atomic_write_csv
 from search_spaces.models import build_model
 from search_spaces.packed import export_packed
 from search_spaces.precision import PrecisionMap
@@ -61,11 +61,7 @@ def write_rows(csv_path: Path, new_rows: list[dict[str, object]]) -> None:
             rows = [r for r in csv.DictReader(csv_path.open()) if (r["model"], r["method"], r["bits"]) not in keys]
         rows += [{k: r[k] for k in COLUMNS} for r in new_rows]
         rows.sort(key=lambda r: (r["model"], r["method"], -int(r["bits"])))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(csv_path, buffer.getvalue())
+        atomic_write_csv(csv_path, COLUMNS, rows)
 
 
 NNI_METHODS = {"nni_qat": "qat", "nni_lsq": "lsq"}

@@ -140,7 +140,7 @@ def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt:
     metrics = {**metrics, "start_valid_ppl": valid, "kept_start": False}
     if valid < metrics["valid_ppl"]:
         metrics.update(valid_ppl=valid, test_ppl=_evaluate(start, exp, corpus, "test", dev), kept_start=True)
-        if metrics.get("ste_finetune_kept"):
+        if "ste_finetune_kept" in metrics:
             metrics["ste_finetune_kept"] = False
         save_checkpoint(out_dir / "best.pt", {"model": start.state_dict(), "config": ckpt["config"],
                                               "vocab": list(corpus.vocab.words), "valid_ppl": valid, "epoch": 0})
