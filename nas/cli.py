@@ -16,6 +16,7 @@ from nas.nni_launcher import add_nni_parser
 from nas.pipeline import add_pipeline_parser, run_from_args
 from nas.report_cli import add_report_parser
 from nas.search_cli import add_search_parser, add_space_parser
+from nas.threads import apply_threads
 from nas.train import TrainingDivergedError
 
 
@@ -23,7 +24,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="corpus folder (train/valid/test.txt); default $MPNAS_DATA, "
                         "then a downloaded PTB")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: $MPNAS_THREADS, $OMP_NUM_THREADS, else usable "
+                        "cores // $MPNAS_JOBS, the number of jobs sharing this machine, default 1)")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -199,9 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mpnas`` console script."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
     try:
+        if hasattr(args, "threads") and args.command != "nni":  # nni: threads per trial (cores // concurrency)
+            apply_threads(args.threads)
         return args.func(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError, TrainingDivergedError) as exc:
         print(f"mpnas: error: {exc}", file=sys.stderr)

@@ -37,6 +37,7 @@ from evaluators.rescore import (
 from nas.checkpoint import load_checkpoint
 from nas.data import EOS, Vocabulary
 from nas.reference import is_reference
+from nas.threads import apply_threads
 
 FORMATS = ("hyporadise", "kaldi", "jsonl")
 LoadModel = Callable[[Path], tuple[nn.Module, dict[str, float], Sequence[str] | None]]
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="a best.pt of `mpnas train`/`retrain`, or a packed .mpq file")
     parser.add_argument("--json", action="store_true", help="also print the numbers as JSON")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: the rule of nas.threads; see README)")
     add_nbest_arguments(parser)
     return parser
 
@@ -265,9 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.nbest:
         print("mpnas: error: --nbest FILE is required", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        apply_threads(args.threads)
         return run_nbest(args, _load_any_model)
     except (FileNotFoundError, ValueError) as exc:
         print(f"mpnas: error: {exc}", file=sys.stderr)

@@ -63,6 +63,7 @@ from nas.nni_space import (  # re-exported: the launcher's public names
     hparams_space,
     load_settings,
 )
+from nas.threads import resolve_threads
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds nas/: trials run `-m nas.nni_trial` from here
 FAILED_STATES = ("FAILED", "SYS_CANCELED")
@@ -144,7 +145,11 @@ class Prepared:
 def prepare(exp: ExperimentConfig, settings: NniSettings, out: Path, *, checkpoint: str | None, data: Path,
             device: str = "cpu", threads: int | None = None, retrain_method: str | None = None,
             python: str | None = None) -> Prepared:
-    """Check the inputs, build the search space, write ``OUT/nni/`` (config copy, spec)."""
+    """Check the inputs, build the search space, write ``OUT/nni/`` (config copy, spec).
+
+    ``threads`` None: each trial gets usable cores // ``settings.concurrency`` (or $MPNAS_THREADS /
+    $OMP_NUM_THREADS), so that concurrent trials do not oversubscribe the cores (nas/threads.py).
+    """
     out = out.resolve()
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such file")
@@ -165,7 +170,9 @@ def prepare(exp: ExperimentConfig, settings: NniSettings, out: Path, *, checkpoi
     spec = {"version": SPEC_VERSION, "mode": settings.mode, "tuner": settings.tuner, "model_name": stem,
             "config": str(config_copy), "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
             "data": str(data.resolve()), "out": str(out / "trials"), "derived": str(meta / "derived"),
-            "objective": settings.objective, "penalty": settings.penalty, "device": device, "threads": threads,
+            "objective": settings.objective, "penalty": settings.penalty, "device": device,
+            # trials share this machine: each gets its share of the cores unless told otherwise
+            "threads": threads if threads is not None else resolve_threads(jobs=settings.concurrency),
             "retrain_method": retrain_method}
     spec_path = meta / "spec.json"
     spec_path.write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
