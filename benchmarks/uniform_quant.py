@@ -3,7 +3,8 @@
     MPNAS_DATA=../shared/data/ptb .venv/bin/python benchmarks/uniform_quant.py \\
         --model lstm --bits 8 4 2 1 --methods admm ste nni_qat nni_lsq --epochs 1 --threads 1
 
-``nni_qat`` / ``nni_lsq`` run ``benchmarks/nni_peers.py`` in ``.venv-nni`` (NNI's own pins) with
+``admm_ls`` / ``ste_ls`` are ADMM / STE with learned scales (``retrain.learn_scales``, LSQ's
+gradient). ``nni_qat`` / ``nni_lsq`` run ``benchmarks/nni_peers.py`` in ``.venv-nni`` (NNI's own pins) with
 the same checkpoint, retrain section, epochs and step cap. For every (bits, method) it retrains
 the committed reference checkpoint ``benchmarks/checkpoints/ptb_<model>.safetensors`` (or
 ``--checkpoint``) with the retrain section of ``--config`` (default: the packaged
@@ -65,6 +66,7 @@ def write_rows(csv_path: Path, new_rows: list[dict[str, object]]) -> None:
 
 
 NNI_METHODS = {"nni_qat": "qat", "nni_lsq": "lsq"}
+LEARNED_SCALES = {"admm_ls": "admm", "ste_ls": "ste"}  # row name -> retraining method, with learn_scales
 
 
 def epochs_run(args: argparse.Namespace, steps_per_epoch: int | None = None) -> str:
@@ -137,7 +139,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2, 1])
-    parser.add_argument("--methods", nargs="+", default=["admm", "ste"], choices=["admm", "ste", *NNI_METHODS])
+    parser.add_argument("--methods", nargs="+", default=["admm", "ste"],
+                        choices=["admm", "ste", *LEARNED_SCALES, *NNI_METHODS],
+                        help="admm_ls / ste_ls: the same with learned scales (retrain.learn_scales)")
     parser.add_argument("--nni-python", default=str(HERE.parent / ".venv-nni" / "bin" / "python"),
                         help="interpreter with NNI 3.0 installed (requirements-nni.txt)")
     parser.add_argument("--checkpoint", type=Path, help="FP checkpoint (default: benchmarks/checkpoints/"
@@ -172,13 +176,16 @@ def main() -> None:
             probe = build_model(ckpt["config"]["type"], **{k: v for k, v in ckpt["config"].items() if k != "type"})
             precision = PrecisionMap.uniform(probe, bits)
             out = run_dir(args, method, bits)
-            metrics = retrain(exp, corpus, fp_path, precision, out, method=method, resume=True, progress=False,
+            row_exp, base = exp, LEARNED_SCALES.get(method, method)
+            if method in LEARNED_SCALES:
+                row_exp = dataclasses.replace(exp, retrain=dataclasses.replace(exp.retrain, learn_scales=True))
+            metrics = retrain(row_exp, corpus, fp_path, precision, out, method=base, resume=True, progress=False,
                               checkpoint_every=200)
             quantized = build_model(ckpt["config"]["type"], **{k: v for k, v in ckpt["config"].items() if k != "type"})
             quantized.load_state_dict(load_fp_checkpoint(out / "best.pt")["model"])
             packed = out / "model.mpq"
             export_packed(quantized, precision, packed)
-            ratio = measure_ratio(exp, corpus, ckpt, precision, method, args.timing_steps)
+            ratio = measure_ratio(row_exp, corpus, ckpt, precision, base, args.timing_steps)
             row = {"model": f"ptb_{args.model}", "method": method, "bits": bits,
                    "epochs": epochs_run(args, steps_per_epoch), "avg_bits": f"{metrics['avg_bits']:.3f}",
                    "theoretical_bytes": int(metrics["theoretical_bytes"]),

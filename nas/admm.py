@@ -16,7 +16,8 @@ Scaled-form ADMM (Leng et al., AAAI 2018), one (G, U) pair per quantized cluster
   scratch, where W is far from any table; retraining a converged model wants the default.
 - Every period (``project_every`` steps, or ``project_every_epochs`` epochs):
   ``G = Q(W + U)`` with the closed-form scale, ``U += W - G``; the forward's scales are re-solved
-  on W at the same moment (STE's rescale).
+  on W at the same moment (STE's rescale). With ``learn_scales`` the scales are learned as in
+  STE and G is projected on the learned table.
 - rho follows the amount of training, not the number of projections:
   ``rho = min(rho0 * rho_growth ** epochs_trained, rho_max)``, set at each projection before
   the dual update (U rescaled by rho_old / rho_new, as the scaled dual requires).
@@ -50,14 +51,18 @@ class AdmmHooks(SteHooks):
 
     def __init__(self, model: nn.Module, precision: PrecisionMap, *, rho: float = 1e-3, rho_growth: float = 1.0,
                  rho_max: float = 1.0, project_every: int = 200, project_every_epochs: float = 0.0,
-                 forward: str = "quantized") -> None:
+                 forward: str = "quantized", learn_scales: bool = False, scale_lr: float = 1e-3) -> None:
         if forward not in FORWARDS:
             raise ValueError(f"ADMM forward must be one of {FORWARDS}, got {forward!r}")
+        if learn_scales and forward != "quantized":
+            raise ValueError("learned scales need the quantized forward (admm_forward: quantized): the latent "
+                             "forward takes no gradient at the quantized weights")
         if rho < 0 or rho_growth < 1 or rho_max < rho or project_every < 1 or project_every_epochs < 0:
             raise ValueError(f"ADMM needs 0 <= rho <= rho_max, rho_growth >= 1, project_every >= 1 and "
                              f"project_every_epochs >= 0; got rho={rho}, rho_growth={rho_growth}, rho_max={rho_max}, "
                              f"project_every={project_every}, project_every_epochs={project_every_epochs}")
-        super().__init__(model, precision, rescale_every=project_every, rescale_every_epochs=project_every_epochs)
+        super().__init__(model, precision, rescale_every=project_every, rescale_every_epochs=project_every_epochs,
+                         learn_scales=learn_scales, scale_lr=scale_lr)
         self.rho0, self.rho, self.rho_growth, self.rho_max = rho, rho, rho_growth, rho_max
         self.forward = forward
         views = self.q.views(model)
@@ -115,7 +120,8 @@ class AdmmHooks(SteHooks):
         for name, w in views.items():
             g_prev = self.g(name)
             target = w + self.u[name]
-            alpha = self.q.solve_scale(name, target)
+            # learned scales: G lives on the table the forward learned, not the least-squares one
+            alpha = self.alpha[name] if self.learn_scales and self.alpha else self.q.solve_scale(name, target)
             codes = self.q.codes(name, target, alpha)
             changed += int((codes != self.g_codes[name]).sum())
             moved += int((codes != self.start_codes[name]).sum())

@@ -54,6 +54,10 @@ class TrainSection:
     loss_reduction: str = "mean"
     epochs: int = 13
     max_steps_per_epoch: int | None = None  # cut epochs short (tests, smoke runs)
+    # Tokens of the valid split (its first N) that the validation after every epoch scores: it
+    # chooses best.pt (and, in retraining, the STE tail or the projected start). None = the
+    # whole split. The reported valid_ppl / test_ppl are always of best.pt on the whole splits.
+    valid_tokens: int | None = None
     seed: int = 0
     log_interval: int = 50
 
@@ -63,6 +67,10 @@ class TrainSection:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        tokens = self.valid_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise ValueError(f"valid_tokens = {tokens!r} must be a positive number of tokens "
+                             "(or null: the whole valid split)")
 
 
 @dataclass
@@ -79,6 +87,10 @@ class RetrainSection(TrainSection):
     project_every: int = 200  # ADMM: steps between projections (= dual updates); STE: between scale re-solves
     project_every_epochs: float = 0.0  # > 0: the same period in epochs (replaces project_every)
     admm_forward: str = "quantized"  # ADMM W step: gradient at Q(W) (straight-through) | "latent": at W (papers)
+    # Learned scales (LSQ, nas/ste.py): start at the least-squares scales, then Adam on log alpha at
+    # scale_lr instead of re-solving every period. STE and ADMM (quantized forward).
+    learn_scales: bool = False
+    scale_lr: float = 1e-3
     ste_finetune_steps: int = 0  # ADMM: optional STE fine-tune after the final projection
     # Knowledge distillation from the FP checkpoint (nas/distill.py): weight of the teacher's
     # soft-target KL in the loss (0 = off, 1 = soft targets only) and its softmax temperature.
@@ -98,6 +110,11 @@ class RetrainSection(TrainSection):
                              f"got {self.project_every}, {self.project_every_epochs}, {self.ste_finetune_steps}")
         if self.admm_forward not in ("quantized", "latent"):
             raise ValueError(f"admm_forward must be 'quantized' or 'latent', got {self.admm_forward!r}")
+        if not self.scale_lr > 0:
+            raise ValueError(f"scale_lr must be > 0, got {self.scale_lr}")
+        if self.learn_scales and self.method == "admm" and self.admm_forward == "latent":
+            raise ValueError("learn_scales needs admm_forward: quantized (the latent forward takes no gradient at "
+                             "the quantized weights)")
         if not 0.0 <= self.distill <= 1.0:
             raise ValueError(f"distill must be a weight in [0, 1], got {self.distill}")
         if self.distill_temperature <= 0:

@@ -190,7 +190,6 @@ def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path
     from nas.train import TrainingDivergedError
     from search_spaces.models import build_model
     from search_spaces.packed import export_packed, load_packed
-    from search_spaces.precision import PrecisionMap
     from search_spaces.space import BYTES_PER_MB, SearchSpace
 
     exp = load_config(spec["config"])
@@ -204,7 +203,7 @@ def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path
     label = f"nni_{trial}"
     meta = {"strategy": f"nni_{spec['tuner'].lower()}", "tuner": spec["tuner"], "trial": trial,
             "budget": dict(exp.budget or {}), "checkpoint": spec["checkpoint"]}
-    precision = PrecisionMap(dict(chosen.bits), granularity=chosen.granularity, meta=meta)
+    precision = chosen.with_meta(meta)
     map_path = run / "search" / label / "precision.yaml"
     map_path.parent.mkdir(parents=True, exist_ok=True)
     precision.save(map_path)

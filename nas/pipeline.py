@@ -64,6 +64,22 @@ from nas.strategies import settings_used
 from search_spaces.precision import PrecisionMap
 
 
+def section_inputs(section: Any) -> dict[str, Any]:
+    """A train/retrain section as hashed into a stage's inputs.
+
+    Keys added after runs already existed are left out at their neutral default (``valid_tokens:
+    None``, the whole valid split; ``learn_scales: false`` and its ``scale_lr``), so that such runs
+    keep their hashes and are not redone.
+    """
+    values = dataclasses.asdict(section)
+    if values.get("valid_tokens", 0) is None:
+        del values["valid_tokens"]
+    if values.get("learn_scales") is False:
+        del values["learn_scales"]
+        values.pop("scale_lr", None)
+    return values
+
+
 class PipelineError(ValueError):
     """A pipeline cannot go on (e.g. the report module is missing); the message says what to do."""
 
@@ -168,7 +184,7 @@ class Pipeline:
             self._stage("fp", inputs, [fp_dir / "source.json"], fp_dir,
                         lambda: record_fp_source(self.checkpoint, fp_dir, self.corpus))
             return
-        inputs = {"model": self.exp.model, "data": self.data, "train": dataclasses.asdict(self.exp.train),
+        inputs = {"model": self.exp.model, "data": self.data, "train": section_inputs(self.exp.train),
                   "corpus": self.corpus_hash}
         self._stage("fp", inputs, [fp_dir / "best.pt", fp_dir / "metrics.json"], fp_dir,
                     lambda: train_fp(self.exp, self.corpus, fp_dir, device=self.device,
@@ -202,7 +218,7 @@ class Pipeline:
             precision.validate(load_model(self.fp_checkpoint))
             meta = {**precision.meta, "strategy": point.strategy, "budget": {"avg_bits": point.budget},
                     "label": point.label}
-            PrecisionMap(dict(precision.bits), precision.granularity, meta=meta).save(out)
+            precision.with_meta(meta).save(out)
 
         self._stage(f"search/{point.label}", inputs, [out], out.parent, write)
 
@@ -211,7 +227,7 @@ class Pipeline:
         out_dir = self.run / "retrain" / point.label
         precision_file = self.run / "search" / point.label / "precision.yaml"
         retrain_cfg = dataclasses.replace(self.exp.retrain, method=self.method)
-        inputs = {"label": point.label, "retrain": dataclasses.asdict(retrain_cfg), "data": self.data,
+        inputs = {"label": point.label, "retrain": section_inputs(retrain_cfg), "data": self.data,
                   "fp": self._fp_hash(), "precision": precision_hash(PrecisionMap.load(precision_file)),
                   "corpus": self.corpus_hash}
         artifacts = [out_dir / name for name in ("best.pt", "metrics.json", "model.mpq")]

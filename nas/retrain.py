@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,10 @@ def make_hooks(cfg: RetrainSection, precision: PrecisionMap, method: str) -> Any
         if method == "admm":
             return AdmmHooks(model, precision, rho=cfg.rho, rho_growth=cfg.rho_growth, rho_max=cfg.rho_max,
                              project_every=cfg.project_every, project_every_epochs=cfg.project_every_epochs,
-                             forward=cfg.admm_forward)
+                             forward=cfg.admm_forward, learn_scales=cfg.learn_scales, scale_lr=cfg.scale_lr)
         return SteHooks(model, precision, rescale_every=cfg.project_every,
-                        rescale_every_epochs=cfg.project_every_epochs)
+                        rescale_every_epochs=cfg.project_every_epochs, learn_scales=cfg.learn_scales,
+                        scale_lr=cfg.scale_lr)
 
     return build
 
@@ -76,6 +78,21 @@ def make_distiller(cfg: RetrainSection, ckpt: dict[str, Any], device: str | None
 
 def _copy_file(src: Path, dst: Path) -> None:
     atomic_write_bytes(dst, src.read_bytes())
+
+
+def _selection_ppl(metrics: dict[str, Any], corpus: Corpus) -> float:
+    """The perplexity that chooses between two runs' best checkpoints: the one per-epoch validation
+    measured (``selection_valid_ppl``, on the first ``valid_tokens`` valid tokens) when that was a
+    slice, else the whole-split ``valid_ppl`` (as before ``valid_tokens`` existed)."""
+    full = corpus.split("valid").numel()
+    if metrics.get("selection_valid_tokens", full) < full and "selection_valid_ppl" in metrics:
+        return float(metrics["selection_valid_ppl"])
+    return float(metrics["valid_ppl"])
+
+
+def _add_seconds(metrics: dict[str, Any], train_s: float = 0.0, valid_s: float = 0.0) -> None:
+    for key, value in (("train_seconds", train_s), ("valid_seconds", valid_s)):
+        metrics[key] = float(metrics.get(key, 0.0)) + value
 
 
 def _ste_tail(exp: ExperimentConfig, corpus: Corpus, cfg: RetrainSection, precision: PrecisionMap,
@@ -101,10 +118,11 @@ def _ste_tail(exp: ExperimentConfig, corpus: Corpus, cfg: RetrainSection, precis
     tail = train(tail_exp, corpus, out_dir / "ste_finetune", device=device, resume=resume, progress=progress,
                  train_cfg=short, initial_state=tuned["model"], make_hooks=make_hooks(cfg, precision, "ste"),
                  distiller=make_distiller(cfg, ckpt, device))
-    kept = tail["valid_ppl"] < metrics["valid_ppl"]
+    kept = _selection_ppl(tail, corpus) < _selection_ppl(metrics, corpus)
     merged = {**metrics, "ste_finetune_valid_ppl": tail["valid_ppl"], "ste_finetune_kept": kept}
+    _add_seconds(merged, tail.get("train_seconds", 0.0), tail.get("valid_seconds", 0.0))
     if kept:
-        merged.update(valid_ppl=tail["valid_ppl"], test_ppl=tail["test_ppl"])
+        merged.update({k: tail[k] for k in ("valid_ppl", "test_ppl", "selection_valid_ppl") if k in tail})
     if main:
         _copy_file(out_dir / "ste_finetune" / "best.pt" if kept else admm_best, out_dir / "best.pt")
     return merged
@@ -128,7 +146,10 @@ def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt:
 
     At 8 bits the projection alone is almost lossless, and a short retraining at a large
     learning rate can only move the weights away from the FP optimum; the best checkpoint
-    must then be the projected start, as it would be had the loop validated at step 0.
+    must then be the projected start, as it would be had the loop validated at step 0: on the
+    same first ``retrain.valid_tokens`` valid tokens (``start_selection_valid_ppl``).
+    ``start_valid_ppl`` is the start's whole-split perplexity, None when that was not measured
+    (a slice chose the retrained weights).
     """
     dev = resolve_device(device, dist_info_from_env())
     config = dict(ckpt["config"])
@@ -136,14 +157,22 @@ def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt:
     start.load_state_dict(ckpt["model"])
     start.to(dev)
     QuantizedClusters(start, precision).hard_project_(start)
-    valid = _evaluate(start, exp, corpus, "valid", dev)
-    metrics = {**metrics, "start_valid_ppl": valid, "kept_start": False}
-    if valid < metrics["valid_ppl"]:
-        metrics.update(valid_ppl=valid, test_ppl=_evaluate(start, exp, corpus, "test", dev), kept_start=True)
+    full = corpus.split("valid").numel()
+    tokens = full if exp.retrain.valid_tokens is None else min(exp.retrain.valid_tokens, full)
+    tick = time.perf_counter()
+    selection = _evaluate(start, exp, corpus, "valid", dev, None if tokens == full else tokens)
+    metrics = {**metrics, "start_selection_valid_ppl": selection,
+               "start_valid_ppl": selection if tokens == full else None, "kept_start": False}
+    if selection < _selection_ppl(metrics, corpus):
+        valid = selection if tokens == full else _evaluate(start, exp, corpus, "valid", dev)
+        metrics.update(valid_ppl=valid, test_ppl=_evaluate(start, exp, corpus, "test", dev), kept_start=True,
+                       start_valid_ppl=valid, selection_valid_ppl=selection)
         if "ste_finetune_kept" in metrics:
             metrics["ste_finetune_kept"] = False
         save_checkpoint(out_dir / "best.pt", {"model": start.state_dict(), "config": ckpt["config"],
-                                              "vocab": list(corpus.vocab.words), "valid_ppl": valid, "epoch": 0})
+                                              "vocab": list(corpus.vocab.words), "valid_ppl": selection,
+                                              "valid_tokens": tokens, "epoch": 0})
+    _add_seconds(metrics, valid_s=time.perf_counter() - tick)
     return metrics
 
 

@@ -84,9 +84,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                       cache_dir=Path(args.cache) if args.cache else out.parent / "score_cache")
     precision = get_strategy(settings.strategy).search(model, space, data, settings)
     meta = {**precision.meta, "budget": budget, "checkpoint": str(args.checkpoint)}
-    from search_spaces.precision import PrecisionMap
-
-    precision = PrecisionMap(dict(precision.bits), granularity=precision.granularity, meta=meta)
+    precision = precision.with_meta(meta)
     precision.save(out)
     from evaluators.size import model_size
 

@@ -9,21 +9,27 @@ exact budgeted allocator consumes: it picks one bit width per cluster minimizing
   ||Q_b(W_c) - W_c||^2`` per cluster (optionally divided by the cluster size: the "average
   trace" of HAWQ-V2/V3), with the traces estimated by Hutchinson's method.
 
-Hutchinson follows PyHessian's ``hessian.trace()`` (amirgholami/PyHessian, pyhessian/hessian.py):
-the gradient is taken once with ``create_graph=True`` and reused; each iteration draws a
-Rademacher probe ``v``, computes ``Hv = grad(g . v)`` and adds ``v . Hv``; it stops when the
-running mean changes by less than ``tol`` relative (``|new - old| / (|old| + 1e-6)``) or after
-``max_iters``. Unlike PyHessian (one trace for the whole network) one probe spans every requested
-cluster at once, so ONE Hessian-vector product per iteration serves all clusters:
+Hutchinson follows PyHessian's ``hessian.trace()`` (amirgholami/PyHessian, pyhessian/hessian.py)
+for the products: the gradient is taken once with ``create_graph=True`` and reused; each
+iteration draws a Rademacher probe ``v``, computes ``Hv = grad(g . v)`` and adds ``v . Hv``.
+Unlike PyHessian (one trace for the whole network) one probe spans every requested cluster at
+once, so ONE Hessian-vector product per iteration serves all clusters:
 ``Tr(H_cc) = E[v_c . (Hv)_c]`` because ``E[v v^T] = I`` makes the cross-cluster blocks vanish in
-expectation. The score ``trace * ||dW||^2`` and the per-weight normalization
-``Tr / #params`` follow the HAWQ-V3 allocation notebook (Zhen-Dong/HAWQ, ILP.ipynb:
-``Hutchinson_trace`` "already normalized, i.e., Trace / # parameters", times
-``delta_weights_{4,8}bit_square = ||W_fp32 - W_int||_2^2``).
+expectation. The stopping rule is per cluster (PyHessian's relative change of the running mean
+stopped all clusters at once while the small ones were still off by tens of percent): the
+samples ``v_c . (Hv)_c`` are i.i.d., so each cluster's estimate has the standard error
+``s_c / sqrt(k)`` (``s_c`` the sample standard deviation of its ``k`` samples), and the
+estimation stops once EVERY cluster's standard error, relative to its estimate, is at most
+``tol`` (or after ``max_iters`` probes, reported as ``capped``). All clusters keep being probed
+until the slowest meets it: the product costs the same whichever clusters it serves. The score
+``trace * ||dW||^2`` and the per-weight normalization ``Tr / #params`` follow the HAWQ-V3
+allocation notebook (Zhen-Dong/HAWQ, ILP.ipynb: ``Hutchinson_trace`` "already normalized, i.e.,
+Trace / # parameters", times ``delta_weights_{4,8}bit_square = ||W_fp32 - W_int||_2^2``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,7 +43,8 @@ from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS, q
 
 ScoreTable = dict[str, dict[int, float]]  # cluster -> bits -> score (lower is better)
 PROBES = ("rademacher", "gaussian")
-_EPS = 1e-6  # PyHessian's guard in the relative change |new - old| / (|old| + eps)
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -226,11 +233,21 @@ def kl_scores(model: nn.Module, candidates: Mapping[str, Sequence[int]], tokens:
 # ----------------------------------------------------------------------------- Hessian strategy
 
 class TraceEstimate(NamedTuple):
-    """Hutchinson estimate of one cluster's Hessian trace."""
+    """Hutchinson estimate of one cluster's Hessian trace, with its standard error."""
 
-    trace: float  # running mean of v_c . (Hv)_c
+    trace: float  # mean of the samples v_c . (Hv)_c
     iters: int  # probes used (the same for every cluster of one call)
-    rel_change: float  # |mean_k - mean_{k-1}| / (|mean_{k-1}| + 1e-6) at the last iteration
+    std_error: float  # sample standard deviation / sqrt(iters); inf with a single probe
+    rel_error: float  # std_error / |trace| (0 when both are 0, inf when only the trace is): what tol bounds
+    capped: bool = False  # max_iters ended the estimate before every cluster met tol
+    converged_at: int | None = None  # probes since which rel_error stayed <= tol (None: above it at the end)
+
+
+def _relative(std_error: float, trace: float) -> float:
+    """``std_error / |trace|``; 0 for an exactly known zero trace, inf for an unknown sign."""
+    if std_error == 0.0:
+        return 0.0
+    return std_error / abs(trace) if trace != 0.0 else math.inf
 
 
 def _hessian_vector_product(grads: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
@@ -254,14 +271,22 @@ def _probe(like: torch.Tensor, kind: str, generator: torch.Generator) -> torch.T
 
 
 def hutchinson_traces(model: nn.Module, clusters: Sequence[str], loss_fn: Callable[[nn.Module], torch.Tensor], *,
-                      probes: str = "rademacher", max_iters: int = 200, tol: float = 1e-3, min_iters: int = 10,
+                      probes: str = "rademacher", max_iters: int = 1000, tol: float = 0.05, min_iters: int = 10,
                       seed: int = 0) -> dict[str, TraceEstimate]:
     """Hutchinson estimates of ``Tr(H_c)`` (Hessian of ``loss_fn(model)`` w.r.t. cluster c's weights).
 
     One probe covers all requested clusters and one Hessian-vector product per iteration serves
-    them all (``trace_c += v_c . (Hv)_c``). Stops once every cluster's running mean changed by
-    less than ``tol`` relative in the last iteration (and at least ``min_iters`` probes were
-    used, so two early draws that happen to agree cannot end it), or after ``max_iters``.
+    them all (``trace_c += v_c . (Hv)_c``). Stopping rule, per cluster: after ``k >= min_iters``
+    probes (and at least 2, for a standard deviation) it stops as soon as every cluster's
+    relative standard error ``rel_error = (s_c / sqrt(k)) / |mean_c|`` is ``<= tol``; ``tol=0.05``
+    means each trace is known to about 5% (one standard error). Otherwise it stops after
+    ``max_iters`` probes, marks every estimate ``capped`` and logs a warning naming the clusters
+    above ``tol``. Every cluster is probed until the last one converges (the product costs the
+    same for any subset), so the faster ones end below ``tol``. A cluster whose samples are all
+    equal (e.g. a diagonal block with Rademacher probes) has ``std_error`` 0 and is exact;
+    ``tol=0`` therefore runs to ``max_iters`` unless every cluster is exact. ``min_iters`` keeps
+    a few early samples that happen to agree from ending it (their standard deviation would be
+    underestimated).
     Probes (``"rademacher"`` or ``"gaussian"``) come from a ``torch.Generator`` seeded with
     ``seed``; the global RNG is not touched. ``loss_fn`` is called once, in eval mode, and must
     return a scalar built from the model's weights (see :func:`lm_loss_fn`); its graph is kept
@@ -273,8 +298,8 @@ def hutchinson_traces(model: nn.Module, clusters: Sequence[str], loss_fn: Callab
         raise ValueError(f"probes={probes!r}; expected one of {PROBES}")
     if max_iters < 1 or not 1 <= min_iters <= max_iters:
         raise ValueError(f"need 1 <= min_iters <= max_iters, got min_iters={min_iters}, max_iters={max_iters}")
-    if not tol >= 0:
-        raise ValueError(f"tol={tol} must be >= 0")
+    if not (tol >= 0 and math.isfinite(tol)):
+        raise ValueError(f"tol={tol} must be a finite relative standard error >= 0")
     resolved = _resolve(model, clusters)
     params: list[torch.Tensor] = []
     slots: dict[str, tuple[int, slice]] = {}  # cluster -> (index into params, its rows)
@@ -308,7 +333,9 @@ def hutchinson_traces(model: nn.Module, clusters: Sequence[str], loss_fn: Callab
             # A gradient without a graph is constant in theta: that parameter's Hessian block is 0.
             live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
             means = dict.fromkeys(slots, 0.0)
-            rel = dict.fromkeys(slots, math.inf)
+            squares = dict.fromkeys(slots, 0.0)  # Welford: sum of squared deviations from the mean
+            since: dict[str, int | None] = dict.fromkeys(slots)
+            converged = False
             iters = 0
             for iters in range(1, max_iters + 1):
                 vectors = [_probe(p, probes, generator) * m for p, m in zip(params, masks, strict=True)]
@@ -320,16 +347,36 @@ def hutchinson_traces(model: nn.Module, clusters: Sequence[str], loss_fn: Callab
                 vhv = [(vectors[i][rows] * hv[i][rows]).sum(dtype=torch.float64).to(home) if hv[i] is not None
                        else torch.zeros((), dtype=torch.float64, device=home) for i, rows in slots.values()]
                 for name, sample in zip(slots, torch.stack(vhv).tolist(), strict=True):
-                    old = means[name]
-                    means[name] = old + (sample - old) / iters
-                    rel[name] = abs(means[name] - old) / (abs(old) + _EPS) if iters > 1 else math.inf
-                if iters >= min_iters and all(r < tol for r in rel.values()):
+                    delta = sample - means[name]
+                    means[name] += delta / iters
+                    squares[name] += delta * (sample - means[name])
+                    within = _relative(_std_error(squares[name], iters), means[name]) <= tol
+                    since[name] = (since[name] or iters) if within else None
+                if iters >= min_iters and all(s is not None for s in since.values()):
+                    converged = True
                     break
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
-    return {name: TraceEstimate(means[name], iters, rel[name]) for name in slots}
+    estimates = {}
+    for name in slots:
+        error = _std_error(squares[name], iters)
+        estimates[name] = TraceEstimate(means[name], iters, error, _relative(error, means[name]), not converged,
+                                        since[name])
+    if not converged:
+        above = {n: e.rel_error for n, e in estimates.items() if e.rel_error > tol}
+        logger.warning("Hutchinson traces: stopped at max_iters=%d with %d of %d clusters above the relative "
+                       "standard error tol=%g: %s", iters, len(above), len(estimates), tol,
+                       ", ".join(f"{n} {r:.3g}" for n, r in sorted(above.items(), key=lambda kv: -kv[1])))
+    return estimates
+
+
+def _std_error(squares: float, count: int) -> float:
+    """Standard error of a mean of ``count`` samples whose squared deviations sum to ``squares``."""
+    if count < 2:
+        return math.inf
+    return math.sqrt(max(squares, 0.0) / (count - 1) / count)
 
 
 @torch.no_grad()

@@ -34,10 +34,11 @@ from nas.config import ExperimentConfig, PipelineSection
 from nas.data import Corpus
 from nas.retrain import load_fp_checkpoint, retrain
 from nas.strategies import SearchData, get_strategy
-from nas.train import train
+from nas.train import evaluation_settings, train
 from search_spaces.models import build_model
 from search_spaces.packed import export_packed, load_packed
 from search_spaces.precision import PrecisionMap
+from search_spaces.quant import FULL_PRECISION
 from search_spaces.space import SearchSpace
 
 ROW_KEYS = ("model", "strategy", "budget", "avg_bits", "theoretical_bytes", "packed_bytes", "compression",
@@ -101,8 +102,14 @@ def checkpoint_hash(path: Path) -> str:
 
 
 def precision_hash(precision: PrecisionMap) -> str:
-    """Hash of what a map decides (bits and granularity); its ``meta`` is evidence, not input."""
-    return canonical_hash({"bits": dict(precision.bits), "granularity": precision.granularity})
+    """Hash of what a map decides (bits, granularity, leftover bits); its ``meta`` is evidence, not input.
+
+    ``leftover_bits`` enters only when it is not 32, so maps from before it keep their hashes.
+    """
+    decided: dict[str, Any] = {"bits": dict(precision.bits), "granularity": precision.granularity}
+    if precision.leftover_bits != FULL_PRECISION:
+        decided["leftover_bits"] = precision.leftover_bits
+    return canonical_hash(decided)
 
 
 def corpus_hash(corpus: Corpus) -> str:
@@ -149,8 +156,7 @@ def search_point(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: Path, poi
                       length=exp.data.bptt if recurrent else exp.data.context, device=device, cache_dir=cache_dir)
     torch.manual_seed(settings.seed)  # dropout in a supernet draws from the global generator
     found = get_strategy(point.strategy).search(model, space, data, settings)
-    precision = PrecisionMap(dict(found.bits), granularity=found.granularity,
-                             meta={**found.meta, "budget": budget, "label": point.label})
+    precision = found.with_meta({**found.meta, "budget": budget, "label": point.label})
     precision.save(out)
     return precision
 
@@ -165,7 +171,7 @@ def retrain_point(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: Path, pr
     # The packed header keeps the map's identity, not its evidence: score tables and gumbel
     # histories would inflate packed_bytes, and wall times would make the file differ per run.
     kept = {k: precision.meta[k] for k in PACKED_META if k in precision.meta}
-    export_packed(model, PrecisionMap(dict(precision.bits), precision.granularity, meta=kept), out_dir / "model.mpq")
+    export_packed(model, precision.with_meta(kept), out_dir / "model.mpq")
     return metrics
 
 
@@ -178,16 +184,23 @@ def _perplexities(model: nn.Module, exp: ExperimentConfig, corpus: Corpus, devic
             for split in ("valid", "test")}
 
 
-def _measured(model: nn.Module, checkpoint: Path | None) -> dict[str, float] | None:
+def _measured(model: nn.Module, checkpoint: Path | None, evaluation: dict[str, Any], *, vouched: bool = False
+              ) -> dict[str, float] | None:
     """valid/test perplexity from the ``metrics.json`` beside ``checkpoint``, if ``model`` holds its weights.
 
-    :func:`nas.train.train` measures them at the end of (re)training, on the final weights, with
-    the same settings as :func:`_perplexities`; when ``model``'s tensors equal the checkpoint's
-    bit for bit, measuring again would give the same numbers and cost two passes over the data.
+    :func:`nas.train.train` measures them at the end of (re)training, on the final weights, the
+    way :func:`_perplexities` does; when ``model``'s tensors equal the checkpoint's bit for bit,
+    measuring again would give the same numbers and cost two passes over the data. The numbers
+    are reused when metrics.json's ``evaluation`` (:func:`nas.train.evaluation_settings`: batching
+    and the valid/test streams) equals ``evaluation``, or, for a metrics.json written before that
+    record existed, when the caller ``vouched`` that this run measured it with these settings.
     """
     if checkpoint is None or not (checkpoint.parent / "metrics.json").is_file():
         return None
     metrics = json.loads((checkpoint.parent / "metrics.json").read_text())
+    recorded = metrics.get("evaluation")
+    if not (recorded == evaluation if recorded is not None else vouched):
+        return None
     reference, state = load_checkpoint(checkpoint)["model"], model.state_dict()
     if state.keys() != reference.keys() or not all(torch.equal(state[k].cpu(), reference[k]) for k in state):
         return None
@@ -200,12 +213,14 @@ def fp_row(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: Path, model_nam
            trained_here: bool = False) -> dict[str, Any]:
     """The result row of the FP model (32 bits, not packed).
 
-    ``trained_here``: the checkpoint comes from this run's FP stage, so its ``metrics.json`` was
-    measured with this config's evaluation settings and may be reused.
+    The perplexities of the ``metrics.json`` beside the checkpoint are reused when it recorded
+    the same evaluation settings (any ``mpnas train`` run), or, for an older metrics.json without
+    that record, when ``trained_here`` (this run's FP stage wrote it, with this config).
     """
     model = load_model(fp_checkpoint, corpus)
     size = model_size(model, PrecisionMap.uniform(model, 32))
-    ppl = (_measured(model, fp_checkpoint) if trained_here else None) or _perplexities(model, exp, corpus, device)
+    ppl = (_measured(model, fp_checkpoint, evaluation_settings(exp, corpus), vouched=trained_here)
+           or _perplexities(model, exp, corpus, device))
     return {"model": model_name, "strategy": "fp", "budget": None, "avg_bits": size["avg_bits"],
             "theoretical_bytes": math.ceil(size["theoretical_bytes"]), "packed_bytes": None,
             "compression": size["compression"], **ppl, "wer": None, "search_s": None, "retrain_s": None,
@@ -222,7 +237,8 @@ def quantized_row(exp: ExperimentConfig, corpus: Corpus, packed: Path, point: Po
     """
     model, precision = load_packed(packed)
     size = model_size(model, precision)
-    ppl = _measured(model, packed.parent / "best.pt") or _perplexities(model, exp, corpus, device)
+    ppl = (_measured(model, packed.parent / "best.pt", evaluation_settings(exp, corpus), vouched=True)
+           or _perplexities(model, exp, corpus, device))
     return {"model": model_name, "strategy": point.strategy, "budget": point.budget, "avg_bits": size["avg_bits"],
             "theoretical_bytes": math.ceil(size["theoretical_bytes"]), "packed_bytes": packed.stat().st_size,
             "compression": size["compression"], **ppl, "wer": None, "search_s": search_s, "retrain_s": retrain_s,

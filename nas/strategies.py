@@ -69,7 +69,7 @@ def _cap(space: SearchSpace) -> float:
 def _finish(space: SearchSpace, bits: dict[str, int], meta: dict[str, Any]) -> PrecisionMap:
     """Complete ``bits`` with the pinned clusters and check the budget."""
     full = {name: bits.get(name, cands[0]) for name, cands in space.candidates.items()}
-    pm = PrecisionMap(full, granularity=space.granularity, meta=meta)
+    pm = PrecisionMap(full, granularity=space.granularity, meta=meta, leftover_bits=space.leftover_bits)
     if not space.fits_budget(pm):
         raise RuntimeError(f"strategy {meta.get('strategy')} produced a map over the budget: "
                            f"{space.weight_bits(pm)} > {_cap(space)} weight bits")

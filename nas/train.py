@@ -4,13 +4,25 @@ Run folder layout (``out_dir``):
 - ``checkpoint.pt``: latest state (model, optimizer, RNG, position), rewritten atomically
   at the end of every epoch and every ``checkpoint_every`` steps.
 - ``best.pt``: model weights with the best validation perplexity, plus its config and
-  vocabulary (the starting point of quantization).
-- ``history.csv`` via ``metrics.json``: per-epoch train loss, valid ppl, lr, tokens/s.
+  vocabulary (the starting point of quantization); ``valid_ppl`` there is the per-epoch
+  measurement that chose it, on its first ``valid_tokens`` valid tokens.
+- ``metrics.json``: per-epoch history (train loss, valid ppl, lr, tokens/s) and the best
+  checkpoint's ``valid_ppl`` / ``test_ppl`` on the whole splits.
+
+Validation after every epoch scores the first ``train.valid_tokens`` tokens of the valid split
+(all of them by default); it only chooses ``best.pt``. When it scored the whole split and the
+final weights are those it scored, its number is the final ``valid_ppl`` (not measured twice).
+``metrics.json`` also records ``epochs`` (configured), ``epochs_run`` (optimizer steps run /
+steps of a full epoch: 0.25 when ``max_steps_per_epoch`` cut epochs to a quarter) and ``steps``,
+``train_seconds`` (training steps) and ``valid_seconds`` (validation and the final evaluation),
+both summed over resumed calls, ``selection_valid_tokens`` / ``selection_valid_ppl`` (the
+per-epoch measurement of ``best.pt``) and ``evaluation`` (:func:`evaluation_settings`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -138,9 +150,29 @@ def epoch_batches(exp: ExperimentConfig, corpus: Corpus, epoch: int, info: DistI
 
 
 def _evaluate(model: nn.Module, exp: ExperimentConfig, corpus: Corpus, split: str,
-              device: torch.device) -> float:
-    return perplexity(model, corpus.split(split), corpus.vocab.eos_id, batch_size=exp.data.eval_batch_size,
+              device: torch.device, tokens: int | None = None) -> float:
+    """Perplexity on ``split`` (only its first ``tokens`` tokens when given)."""
+    stream = corpus.split(split)
+    if tokens is not None:
+        stream = stream[:tokens]
+    return perplexity(model, stream, corpus.vocab.eos_id, batch_size=exp.data.eval_batch_size,
                       bptt=exp.data.bptt, stride=exp.data.eval_stride, device=device)["ppl"]
+
+
+def evaluation_settings(exp: ExperimentConfig, corpus: Corpus) -> dict[str, Any]:
+    """What a valid/test perplexity depends on besides the weights: batching and the token streams.
+
+    Stored in metrics.json, so that a later stage can reuse the numbers of the same checkpoint
+    (nas/stages.py) only when it would measure them exactly this way.
+    """
+    hashes = {f"{split}_sha256": hashlib.sha256(corpus.split(split).cpu().contiguous().numpy().tobytes()).hexdigest()
+              for split in ("valid", "test")}
+    return {"eval_batch_size": exp.data.eval_batch_size, "bptt": exp.data.bptt,
+            "eval_stride": exp.data.eval_stride, **hashes}
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 def _clone_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -215,8 +247,18 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
     position, best_valid, history = Position(), math.inf, []
     lstm_state = None
     ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+    valid_total = corpus.split("valid").numel()
+    # tokens the per-epoch validation scores; None in _evaluate = the whole split
+    select_tokens = valid_total if cfg.valid_tokens is None else min(cfg.valid_tokens, valid_total)
+    select_slice = None if select_tokens == valid_total else select_tokens
+    clock = {"train": 0.0, "valid": 0.0}  # seconds, summed over resumed calls (saved in checkpoints)
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("valid_tokens", valid_total) != select_tokens:
+            raise ValueError(f"{ckpt_path}: this run validated on {ckpt.get('valid_tokens', valid_total)} valid "
+                             f"tokens per epoch, the config now asks for {select_tokens} (valid_tokens = "
+                             f"{cfg.valid_tokens}); resume with the same valid_tokens or start a fresh run")
+        clock.update(ckpt.get("seconds") or {})
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -237,17 +279,22 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "rng": torch.get_rng_state(), "position": pos.__dict__, "best_valid": best_valid,
                 "history": history, "config": exp.to_dict(), "hooks": hooks.state_dict(),
+                "valid_tokens": select_tokens, "seconds": dict(clock),
                 "distiller": distiller.state_dict() if distiller is not None else None,
                 "lstm_state": None if state is None else [(h.cpu(), c.cpu()) for h, c in state]})
 
-    steps_per_epoch = len(epoch_batches(exp, corpus, 0, info, recurrent))
+    full_epoch_steps = len(epoch_batches(exp, corpus, 0, info, recurrent))
+    steps_per_epoch = full_epoch_steps
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
     hooks.begin(steps_per_epoch)
     steps_this_call, train_seconds, train_tokens = 0, 0.0, 0
+    steps_done = position.global_step
     for epoch in range(position.epoch, cfg.epochs):
+        tick = time.perf_counter()
         batches = epoch_batches(exp, corpus, epoch, info, recurrent)[:steps_per_epoch]
+        clock["train"] += time.perf_counter() - tick
         start_step = position.step if epoch == position.epoch else 0
         if start_step == 0:
             lstm_state = None  # Zaremba: the hidden state starts from zero every epoch
@@ -259,6 +306,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
                    disable=not (progress and info.is_main), mininterval=1.0, dynamic_ncols=True)
         global_step = position.global_step if epoch == position.epoch else epoch * steps_per_epoch
         for step in range(start_step, steps_per_epoch):
+            tick = time.perf_counter()
             inputs, targets = (t.to(dev) for t in batches[step])
             lr = learning_rate(cfg, epoch, global_step, total_steps)
             for group in optimizer.param_groups:
@@ -284,7 +332,9 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
             if recurrent:
                 lstm_state = model.detach_state(out.state)
             global_step += 1
+            steps_done = global_step
             steps_this_call += 1
+            clock["train"] += time.perf_counter() - tick
             epoch_loss += loss
             epoch_count += 1
             epoch_tokens += inputs.numel() * info.world_size
@@ -305,7 +355,9 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
         train_seconds += seconds
         train_tokens += epoch_tokens
         with hooks.evaluation(model):
-            valid_ppl = _evaluate(model, exp, corpus, "valid", dev)
+            tick = time.perf_counter()
+            valid_ppl = _evaluate(model, exp, corpus, "valid", dev, select_slice)
+            clock["valid"] += time.perf_counter() - tick
             state_for_best = _clone_state(model.state_dict())
         if math.isnan(valid_ppl):
             raise TrainingDivergedError(
@@ -322,21 +374,34 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
             if info.is_main:
                 save_checkpoint(best_path, {"model": state_for_best, "config": model_config_dict(model),
                                             "vocab": list(corpus.vocab.words), "valid_ppl": valid_ppl,
-                                            "epoch": epoch + 1})
+                                            "valid_tokens": select_tokens, "epoch": epoch + 1})
         barrier(info)  # every rank reloads best.pt at the end: it must be complete
         save(Position(epoch + 1, 0, global_step), None)
         if stop_after_steps is not None and steps_this_call >= stop_after_steps and epoch + 1 < cfg.epochs:
             return {"stopped_early": True, "position": Position(epoch + 1, 0, global_step).__dict__}
-    best = load_checkpoint(best_path) if best_path.is_file() else {"model": model.state_dict()}
+    best = load_checkpoint(best_path) if best_path.is_file() else {"model": _clone_state(model.state_dict())}
     model.load_state_dict(best["model"])
     hooks.finish(model)
+    tick = time.perf_counter()
+    # The validation that chose best.pt scored the whole split on exactly these weights: reuse it.
+    measured = best.get("valid_ppl")
+    reuse = (isinstance(measured, float) and math.isfinite(measured)
+             and best.get("valid_tokens", valid_total) == valid_total
+             and _same_weights(model.state_dict(), best["model"]))
+    valid_final = measured if reuse else _evaluate(model, exp, corpus, "valid", dev)
+    test_final = _evaluate(model, exp, corpus, "test", dev)
+    clock["valid"] += time.perf_counter() - tick
     metrics = {
         "model": exp.model_type, "params": _count_params(model), "epochs": cfg.epochs,
-        "valid_ppl": _evaluate(model, exp, corpus, "valid", dev),
-        "test_ppl": _evaluate(model, exp, corpus, "test", dev),
+        "epochs_run": steps_done / max(1, full_epoch_steps), "steps": steps_done,
+        "valid_ppl": valid_final, "test_ppl": test_final,
+        "selection_valid_tokens": best.get("valid_tokens", valid_total),
+        "selection_valid_ppl": measured if isinstance(measured, float) else valid_final,
+        "train_seconds": clock["train"], "valid_seconds": clock["valid"],
         "train_tokens_per_s": (train_tokens / train_seconds) if train_seconds else
         (history[-1]["tokens_per_s"] if history else 0.0),
-        "history": history, "world_size": info.world_size, "corpus": corpus.summary(), **hooks.metrics(),
+        "history": history, "world_size": info.world_size, "corpus": corpus.summary(),
+        "evaluation": evaluation_settings(exp, corpus), **hooks.metrics(),
     }
     if info.is_main:
         atomic_write_json(out_dir / "metrics.json", metrics)

@@ -1,10 +1,15 @@
 """Apply a :class:`~search_spaces.precision.PrecisionMap` to a model, in place.
 
 - :func:`quantize_` hard-quantizes: every low-bit cluster's weights are replaced by their table
-  values ``alpha * q`` and the codes and scales are returned for an exporter.
+  values ``alpha * q`` and the codes and scales are returned for an exporter;
+  :func:`quantize_all_` also returns the codes of the leftovers (``leftover_bits`` < 32).
 - :func:`fake_quantize_` makes training see quantized weights (straight-through gradients to a
   latent FP weight) through ``torch.nn.utils.parametrize``; :func:`remove_fake_quantize_` undoes
   it, optionally baking the quantized values in.
+
+Both also quantize the leftovers (every parameter outside the clusters, see
+:func:`~search_spaces.precision.find_leftovers`) when the map's ``leftover_bits`` is below 32,
+with the per-tensor affine quantizer, so a model evaluated here is the model a packed file holds.
 
 Both work on any module tree whose clusters :func:`~search_spaces.precision.find_clusters`
 finds: our LMs, and user models of ``nn.Linear``, ``nn.Embedding``, torch's ``nn.LSTM``/``nn.GRU``
@@ -13,30 +18,51 @@ and ``nn.MultiheadAttention`` (hence ``nn.TransformerEncoderLayer``).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from search_spaces.precision import PrecisionMap, cluster_parameter, cluster_weight, find_clusters
-from search_spaces.quant import FULL_PRECISION, QuantResult, fake_quantize, quantize
+from search_spaces.precision import PrecisionMap, cluster_parameter, cluster_weight, find_clusters, find_leftovers
+from search_spaces.quant import (
+    FULL_PRECISION,
+    AffineResult,
+    QuantResult,
+    fake_quantize,
+    fake_quantize_affine,
+    quantize,
+    quantize_affine,
+)
+
+
+class Quantized(NamedTuple):
+    """What :func:`quantize_all_` wrote: codes and scales per cluster and per leftover tensor."""
+
+    clusters: dict[str, QuantResult]  # cluster name -> result, clusters with bits < 32 only
+    leftovers: dict[str, AffineResult]  # find_leftovers name -> result; empty at leftover_bits 32
 
 
 @torch.no_grad()
-def quantize_(model: nn.Module, precision_map: PrecisionMap) -> dict[str, QuantResult]:
-    """Hard-quantize every cluster with bits < 32 in place; return ``{cluster: QuantResult}``.
+def quantize_leftovers_(model: nn.Module, bits: int) -> dict[str, AffineResult]:
+    """Quantize every leftover parameter in place at ``bits`` (32: nothing); return the results.
 
-    The map is validated first (unknown, missing or unsupported entries raise ValueError before
-    anything is written). Each low-bit cluster gets the least-squares scale(s) at the map's
-    granularity and its weights are overwritten with ``alpha * codes``; 32-bit clusters, biases
-    and all other tensors are not touched. Each returned ``QuantResult`` holds the integer
-    ``codes`` and ``alpha`` to pack, and as ``weight`` a detached view of the (now quantized)
-    live weights, not a copy, so ``weights == dequantize(codes, alpha)`` holds exactly and a
-    packed file reproduces the evaluated model. Applying the same map again is idempotent up to
-    float rounding: the same codes come back, and re-solving alpha from the float32 table values
-    can move it (and so the weights) by about one ulp.
-
-    On a fake-quantized model (see :func:`fake_quantize_`) the latent FP weights are quantized.
+    Each result's ``weight`` is a detached view of the live (now quantized) tensor, so
+    ``weight == dequantize_affine(codes, scale, low)`` holds exactly.
     """
+    if bits == FULL_PRECISION:
+        return {}
+    results: dict[str, AffineResult] = {}
+    for name, tensor in find_leftovers(model).items():
+        result = quantize_affine(tensor, bits)
+        tensor.copy_(result.weight)  # in place: keeps storage (cuDNN's flat LSTM buffer, ties)
+        results[name] = result._replace(weight=tensor.detach())
+    return results
+
+
+@torch.no_grad()
+def quantize_all_(model: nn.Module, precision_map: PrecisionMap) -> Quantized:
+    """:func:`quantize_`, returning the leftovers' codes too (what a packed exporter needs)."""
     precision_map.validate(model)
     results: dict[str, QuantResult] = {}
     for name, cluster in find_clusters(model).items():
@@ -47,7 +73,27 @@ def quantize_(model: nn.Module, precision_map: PrecisionMap) -> dict[str, QuantR
         result = quantize(view, bits, precision_map.granularity)
         view.copy_(result.weight)  # through the view: row slices of fused LSTM/MHA matrices too
         results[name] = QuantResult(view.detach(), result.codes, result.alpha)
-    return results
+    return Quantized(results, quantize_leftovers_(model, precision_map.leftover_bits))
+
+
+def quantize_(model: nn.Module, precision_map: PrecisionMap) -> dict[str, QuantResult]:
+    """Hard-quantize every cluster with bits < 32 in place; return ``{cluster: QuantResult}``.
+
+    The map is validated first (unknown, missing or unsupported entries raise ValueError before
+    anything is written). Each low-bit cluster gets the least-squares scale(s) at the map's
+    granularity and its weights are overwritten with ``alpha * codes``; 32-bit clusters and
+    buffers are not touched, and the leftover parameters (biases, norms) only when the map's
+    ``leftover_bits`` is below 32 (see :func:`quantize_all_` for their codes). Each returned
+    ``QuantResult`` holds the integer
+    ``codes`` and ``alpha`` to pack, and as ``weight`` a detached view of the (now quantized)
+    live weights, not a copy, so ``weights == dequantize(codes, alpha)`` holds exactly and a
+    packed file reproduces the evaluated model. Applying the same map again is idempotent up to
+    float rounding: the same codes come back, and re-solving alpha from the float32 table values
+    can move it (and so the weights) by about one ulp.
+
+    On a fake-quantized model (see :func:`fake_quantize_`) the latent FP weights are quantized.
+    """
+    return quantize_all_(model, precision_map).clusters
 
 
 class FakeQuantize(nn.Module):
@@ -85,6 +131,27 @@ class FakeQuantize(nn.Module):
         return f"segments={self.segments}, granularity={self.granularity!r}"
 
 
+class FakeQuantizeAffine(nn.Module):
+    """Parametrization of one leftover tensor: its per-tensor affine quantization at ``bits``.
+
+    The value equals :func:`~search_spaces.quant.quantize_affine`'s bit for bit (so a model
+    evaluated fake-quantized matches its packed file); the gradient is straight-through.
+    """
+
+    is_mpnas_fake_quantize = True  # marker read by search_spaces.precision (no import cycle)
+
+    def __init__(self, bits: int, param_order: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.bits = bits
+        self.param_order = param_order  # as in FakeQuantize: restores the order on removal
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_affine(w, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
 def _is_ours(plist: nn.Module) -> bool:
     return any(getattr(p, "is_mpnas_fake_quantize", False) for p in plist)
 
@@ -106,7 +173,8 @@ def fake_quantize_(model: nn.Module, precision_map: PrecisionMap) -> None:
     modules (embedding and softmax) is parametrized on every owner. An earlier fake quantization
     is replaced. torch's ``nn.LSTM``/``nn.GRU`` re-read their parametrized weights on every
     forward (``RNNBase._update_flat_weights`` in current torch), which costs one extra quantization
-    per weight and forward; on older torch a ValueError asks for ``from_torch_lstm``.
+    per weight and forward; on older torch a ValueError asks for ``from_torch_lstm``. With
+    ``leftover_bits`` below 32 every leftover parameter gets a :class:`FakeQuantizeAffine`.
 
     While registered, ``state_dict`` keys read ``<module>.parametrizations.<name>.original``.
     Do not ``copy.deepcopy`` a fake-quantized model: torch's parametrize shares the injected
@@ -121,12 +189,15 @@ def fake_quantize_(model: nn.Module, precision_map: PrecisionMap) -> None:
             continue
         start, stop = cluster.rows or (0, cluster.shape[0])
         segments.setdefault(id(cluster_parameter(model, cluster)), []).append((start, stop, bits))
+    leftovers: set[int] = set()
+    if precision_map.leftover_bits != FULL_PRECISION:
+        leftovers = {id(t) for t in find_leftovers(model).values()}
     owners = []  # collect first: registering moves the parameter out of module._parameters
     for module in model.modules():
         if isinstance(module, parametrize.ParametrizationList):
             continue  # their ``original`` is a foreign parametrization's latent (rejected above)
         for pname, p in module._parameters.items():
-            if p is not None and id(p) in segments:
+            if p is not None and (id(p) in segments or id(p) in leftovers):
                 if isinstance(module, nn.RNNBase) and not hasattr(module, "_update_flat_weights"):
                     raise ValueError(f"this torch's {type(module).__name__} caches its weights, so fake "
                                      "quantization would not reach its forward; convert the model with "
@@ -134,7 +205,10 @@ def fake_quantize_(model: nn.Module, precision_map: PrecisionMap) -> None:
                 owners.append((module, pname, id(p)))
     orders = {id(module): tuple(module._parameters) for module, _, _ in owners}
     for module, pname, key in owners:
-        fq = FakeQuantize(tuple(segments[key]), precision_map.granularity, orders[id(module)])
+        if key in segments:
+            fq: nn.Module = FakeQuantize(tuple(segments[key]), precision_map.granularity, orders[id(module)])
+        else:
+            fq = FakeQuantizeAffine(precision_map.leftover_bits, orders[id(module)])
         parametrize.register_parametrization(module, pname, fq)
     _refresh_rnn_weights(model)
 

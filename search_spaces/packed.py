@@ -14,13 +14,25 @@ rest                  payload: the byte blocks the header points at, back to bac
 The header holds ``format_version``, ``model`` (the config :func:`build_model` takes),
 ``precision`` (the precision map as a dict), ``payload_bytes``, ``payload_crc32`` and
 ``tensors``: one entry per state-dict tensor (tied tensors once, with ``aliases``), each a
-list of ``pieces`` covering its rows in order. A piece is either ``{"kind": "fp32", "rows",
-"offset", "nbytes"}`` (raw float32) or ``{"kind": "codes", "cluster", "bits", "rows",
-"offset", "nbytes", "scale_offset", "scale_count"}``: ``numel`` codes bit-packed at ``bits``
-bits each (code ``q`` stored as ``q + qmax``, or ``(q + 1) / 2`` at 1 bit, least
-significant bit first) followed by ``scale_count`` float32 scales (one per cluster, or one
-per row at row granularity). Dequantization is ``codes * scale`` exactly as
-:func:`search_spaces.quant.dequantize` computes it, so a reload is bit-identical.
+list of ``pieces`` covering its rows in order. A piece is one of:
+
+- ``{"kind": "fp32", "rows", "offset", "nbytes"}``: raw float32.
+- ``{"kind": "codes", "cluster", "bits", "rows", "offset", "nbytes", "scale_offset",
+  "scale_count"}``: ``numel`` codes bit-packed at ``bits`` bits each (code ``q`` stored as
+  ``q + qmax``, or ``(q + 1) / 2`` at 1 bit, least significant bit first) followed by
+  ``scale_count`` float32 scales (one per cluster, or one per row at row granularity).
+  Dequantization is ``codes * scale`` exactly as :func:`search_spaces.quant.dequantize`
+  computes it, so a reload is bit-identical.
+- ``{"kind": "affine", "bits", "rows", "offset", "nbytes", "scale_offset"}`` (format 2): a
+  leftover tensor (bias, LayerNorm; the map's ``leftover_bits``) as ``numel`` unsigned codes,
+  uint8 at 8 bits or little-endian uint16 at 16, and at ``scale_offset`` two float32, the
+  scale and the minimum ``low``; the value is ``low + scale * code`` exactly as
+  :func:`search_spaces.quant.dequantize_affine` computes it.
+
+``format_version`` is the lowest version that describes the file: 1 without affine pieces
+(the files of every earlier mpnas, still written that way so they stay readable by it), 2 with
+them, so an older reader refuses a file it cannot decode with a clear message instead of
+failing on an unknown piece. This reader reads both.
 """
 
 from __future__ import annotations
@@ -35,14 +47,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from search_spaces.apply import quantize_
+from search_spaces.apply import quantize_all_
 from search_spaces.atomic import atomic_write_bytes
 from search_spaces.models import build_model, model_config_dict
 from search_spaces.precision import Cluster, PrecisionMap, find_clusters
-from search_spaces.quant import FULL_PRECISION, dequantize, qmax
+from search_spaces.quant import FULL_PRECISION, AffineResult, dequantize, dequantize_affine, qmax
 
 MAGIC = b"MPNASPK1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest layout this module reads and writes
+READ_VERSIONS = (1, 2)
+_AFFINE_VERSION = 2  # first format with "affine" pieces
+_UNSIGNED = {8: np.dtype("<u1"), 16: np.dtype("<u2")}  # storage of affine codes by bit width
 
 
 class PackedFileError(ValueError):
@@ -68,6 +83,21 @@ def unpack_codes(payload: bytes, bits: int, count: int) -> torch.Tensor:
     return torch.from_numpy(signed)
 
 
+def pack_unsigned(codes: torch.Tensor, bits: int) -> bytes:
+    """Unsigned affine codes as uint8 (8 bits) or little-endian uint16 (16 bits)."""
+    return codes.detach().cpu().reshape(-1).numpy().astype(_UNSIGNED[bits]).tobytes()
+
+
+def unpack_unsigned(payload: bytes, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_unsigned`: ``count`` codes as int32."""
+    dtype = _UNSIGNED.get(bits)
+    if dtype is None:
+        raise PackedFileError(f"affine codes of {bits} bits are not supported; expected one of {sorted(_UNSIGNED)}")
+    if len(payload) < dtype.itemsize * count:
+        raise PackedFileError(f"{count} codes of {bits} bits need {dtype.itemsize * count} bytes, got {len(payload)}")
+    return torch.from_numpy(np.frombuffer(payload, dtype=dtype, count=count).astype(np.int32))
+
+
 def _state_key(cluster: Cluster) -> str:
     return f"{cluster.module}.{cluster.param}" if cluster.module else cluster.param
 
@@ -82,7 +112,10 @@ def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -
     Returns the header. The model must be an mpnas model (its config goes into the file);
     after the call the model's weights equal what :func:`load_packed` returns, bit for bit.
     """
-    results = quantize_(model, precision)
+    quantized = quantize_all_(model, precision)
+    results = quantized.clusters
+    # Leftover results hold views of the live tensors: find each one's entry by its storage.
+    leftovers = {(r.weight.data_ptr(), tuple(r.weight.shape)): r for r in quantized.leftovers.values()}
     clusters = find_clusters(model)
     by_tensor: dict[str, list[Cluster]] = {}
     for cluster in clusters.values():
@@ -99,12 +132,15 @@ def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -
     for key, tensor in state.items():
         groups.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append(key)
     entries: list[dict[str, Any]] = []
-    for keys in groups.values():
+    for group, keys in groups.items():
         key, tensor = keys[0], state[keys[0]]
         entry: dict[str, Any] = {"name": key, "shape": list(tensor.shape), "aliases": keys[1:], "pieces": []}
         entries.append(entry)
         data = tensor.detach().cpu()
         rows = data.shape[0] if data.dim() else 1
+        if group in leftovers:  # a leftover is a whole tensor outside every cluster
+            entry["pieces"].append(_affine_piece(leftovers[group], precision.leftover_bits, rows, put))
+            continue
         owners = sorted((c for k in keys for c in by_tensor.get(k, [])), key=lambda c: (c.rows or (0, rows))[0])
         cursor = 0
         for cluster in owners:
@@ -125,7 +161,8 @@ def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -
         if cursor < rows or not entry["pieces"]:
             entry["pieces"].append(_fp32_piece(data.reshape(rows, -1)[cursor:] if data.dim() else data,
                                                (cursor, rows), put))
-    header = {"format_version": FORMAT_VERSION, "model": model_config_dict(model),
+    version = _AFFINE_VERSION if leftovers else 1
+    header = {"format_version": version, "model": model_config_dict(model),
               "precision": precision.to_dict(), "tensors": entries, "payload_bytes": len(payload),
               "payload_crc32": zlib.crc32(payload)}
     blob = json.dumps(header, sort_keys=True).encode("utf-8")
@@ -136,6 +173,13 @@ def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -
 def _fp32_piece(data: torch.Tensor, rows: tuple[int, int], put: Any) -> dict[str, Any]:
     offset, nbytes = put(data.to(torch.float32).contiguous().numpy().tobytes())
     return {"kind": "fp32", "rows": list(rows), "offset": offset, "nbytes": nbytes}
+
+
+def _affine_piece(result: AffineResult, bits: int, rows: int, put: Any) -> dict[str, Any]:
+    offset, nbytes = put(pack_unsigned(result.codes, bits))
+    scale_offset, _ = put(torch.stack([result.scale, result.low]).to(torch.float32).cpu().numpy().tobytes())
+    return {"kind": "affine", "bits": bits, "rows": [0, rows], "offset": offset, "nbytes": nbytes,
+            "scale_offset": scale_offset}
 
 
 def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -155,9 +199,9 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PackedFileError(f"{path}: corrupted header ({exc})") from exc
     payload = raw[16 + header_len :]
-    if header.get("format_version") != FORMAT_VERSION:
+    if header.get("format_version") not in READ_VERSIONS:
         raise PackedFileError(f"{path}: format_version {header.get('format_version')!r} is not supported "
-                              f"(this mpnas reads {FORMAT_VERSION})")
+                              f"(this mpnas reads {', '.join(map(str, READ_VERSIONS))}); upgrade mpnas")
     if len(payload) != header.get("payload_bytes"):
         raise PackedFileError(f"{path}: truncated or padded: payload has {len(payload)} bytes, header says "
                               f"{header.get('payload_bytes')}")
@@ -166,7 +210,7 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     try:
         state = {}
         for entry in header["tensors"]:
-            tensor = _decode_tensor(entry, payload)
+            tensor = _decode_tensor(entry, payload, header["format_version"])
             for name in [entry["name"], *entry["aliases"]]:
                 state[name] = tensor
     except (KeyError, TypeError, ValueError) as exc:
@@ -174,7 +218,7 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     return header, state
 
 
-def _decode_tensor(entry: dict[str, Any], payload: bytes) -> torch.Tensor:
+def _decode_tensor(entry: dict[str, Any], payload: bytes, version: int) -> torch.Tensor:
     shape = entry["shape"]
     rows = shape[0] if shape else 1
     parts = []
@@ -192,6 +236,8 @@ def _decode_tensor(entry: dict[str, Any], payload: bytes) -> torch.Tensor:
             sub_shape = [hi - lo, *shape[1:]] if shape else []
             alpha = scales.reshape([] if piece["scale_count"] == 1 else [hi - lo] + [1] * (len(shape) - 1))
             parts.append(dequantize(codes.reshape(sub_shape), alpha).reshape(-1))
+        elif piece["kind"] == "affine" and version >= _AFFINE_VERSION:
+            parts.append(_decode_affine(piece, block, payload, count))
         else:
             raise ValueError(f"unknown piece kind {piece['kind']!r} in tensor {entry['name']}")
     flat = torch.cat(parts) if parts else torch.zeros(0)
@@ -199,6 +245,13 @@ def _decode_tensor(entry: dict[str, Any], payload: bytes) -> torch.Tensor:
         raise ValueError(f"tensor {entry['name']} decodes to {flat.numel()} values, shape {shape} needs "
                          f"{int(np.prod(shape))}")
     return flat.reshape(shape)
+
+
+def _decode_affine(piece: dict[str, Any], block: bytes, payload: bytes, count: int) -> torch.Tensor:
+    codes = unpack_unsigned(block, piece["bits"], count)
+    start = piece["scale_offset"]
+    scale, low = torch.from_numpy(np.frombuffer(payload[start : start + 8], dtype=np.float32, count=2).copy())
+    return dequantize_affine(codes, scale, low)
 
 
 def load_packed(path: str | Path) -> tuple[nn.Module, PrecisionMap]:

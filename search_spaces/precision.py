@@ -3,10 +3,16 @@
 A *cluster* is the unit that shares one bit width (and, at ``"matrix"`` granularity, one scale):
 a whole ``nn.Linear`` / ``nn.Embedding`` weight, one gate's rows of a fused ``nn.LSTM`` /
 ``nn.GRU`` matrix, or one of q/k/v of a packed ``nn.MultiheadAttention`` projection. Everything
-else (biases, LayerNorm, buffers, other layer types) stays in full precision: the "FP leftovers".
+else (biases, LayerNorm, buffers, other layer types) is a "leftover": full precision by default.
+A map's ``leftover_bits`` (8 or 16; 32 = float32, the default) quantizes every floating-point
+*parameter* outside the clusters (:func:`find_leftovers`: biases, LayerNorm gains and biases, any
+other parameter) per tensor with the affine quantizer of ``search_spaces.quant``; buffers
+(running statistics, masks) always stay as they are.
 
 A :class:`PrecisionMap` is an immutable, hashable value ``{cluster: bits}`` plus a granularity, a
-format version and free-form ``meta`` evidence; it round-trips YAML and JSON exactly.
+leftover width, a format version and free-form ``meta`` evidence; it round-trips YAML and JSON
+exactly. ``leftover_bits`` is written only when it is not 32, so maps without it are the same
+files as before the option existed, and files without the key read as 32.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import math
 import numbers
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -28,12 +34,13 @@ from torch.nn.utils import parametrize
 
 from search_spaces.atomic import atomic_write_text
 from search_spaces.models.lstm_lm import GATES
-from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
+from search_spaces.quant import AFFINE_BITS, FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
 
 FORMAT_VERSION = 1  # bump when the file layout changes; older files must stay loadable
+LEFTOVER_BITS = (*AFFINE_BITS, FULL_PRECISION)  # allowed ``leftover_bits``; 32 keeps leftovers float32
 # Row blocks of torch's fused recurrent weights, in torch's row order. Plain RNNs have one block.
 _RNN_GATES = {"LSTM": GATES, "GRU": ("reset_gate", "update_gate", "new_gate")}
-_KEYS = ("version", "granularity", "bits", "meta")
+_KEYS = ("version", "granularity", "bits", "leftover_bits", "meta")
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,30 @@ def cluster_weight(model: nn.Module, cluster: Cluster) -> torch.Tensor:
     return view
 
 
+def find_leftovers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every floating-point parameter outside every cluster: what ``leftover_bits`` quantizes.
+
+    Keys are ``{module FQN}.{parameter}`` in ``named_modules`` order; a tensor shared by several
+    modules is listed once, under its first owner. Values are the live tensors (the latent one
+    when fake-quantized), so in-place writes reach the model. Buffers are not included.
+    """
+    clustered = {id(cluster_parameter(model, c)) for c in find_clusters(model).values()}
+    leftovers: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for fqn, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # their ``original`` is reached through the owner module below
+        names = [*(n for n, p in module._parameters.items() if p is not None),
+                 *(module.parametrizations if parametrize.is_parametrized(module) else ())]
+        for pname in names:
+            tensor = _latent_parameter(module, pname)
+            if id(tensor) in clustered or id(tensor) in seen or not torch.is_floating_point(tensor):
+                continue
+            seen.add(id(tensor))
+            leftovers[f"{fqn}.{pname}" if fqn else pname] = tensor
+    return leftovers
+
+
 class _FrozenMap(Mapping[str, Any]):
     """A read-only, hashable dict (hash ignores order, like Mapping equality)."""
 
@@ -229,13 +260,17 @@ class PrecisionMap:
     (node level: an output unit of a Linear, a word of an Embedding). ``meta`` is free-form
     evidence (strategy, seed, budget, scores) made of str/int/float/bool/None, lists and
     string-keyed dicts. Bit values are range-checked by :meth:`validate`, not here, so that one
-    error can list every problem of a hand-edited file at once.
+    error can list every problem of a hand-edited file at once. ``leftover_bits`` (one of
+    :data:`LEFTOVER_BITS`, checked here) is the width of every parameter outside the clusters
+    (:func:`find_leftovers`); 32 keeps them float32. It is the last field so that positional
+    construction ``PrecisionMap(bits, granularity, version, meta)`` keeps working.
     """
 
     bits: Mapping[str, int]
     granularity: str = "matrix"
     version: int = FORMAT_VERSION
     meta: Mapping[str, Any] = field(default_factory=dict)
+    leftover_bits: int = FULL_PRECISION
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, Mapping):
@@ -257,16 +292,23 @@ class PrecisionMap:
                              f"({FORMAT_VERSION}); upgrade mpnas")
         if not isinstance(self.meta, Mapping):
             raise ValueError(f"key 'meta' must be a mapping, got {type(self.meta).__name__}")
+        b = self.leftover_bits
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b not in LEFTOVER_BITS:
+            raise ValueError(f"key 'leftover_bits' is {b!r}; expected one of {LEFTOVER_BITS} "
+                             f"(32 keeps biases and norms in float32)")
+        object.__setattr__(self, "leftover_bits", int(b))
         object.__setattr__(self, "bits", _FrozenMap(frozen))
         object.__setattr__(self, "meta", _freeze(self.meta, "meta"))
 
     @classmethod
     def uniform(cls, model: nn.Module, bits: int, granularity: str = "matrix",
-                keep_fp: str | tuple[str, ...] | list[str] = ()) -> PrecisionMap:
+                keep_fp: str | tuple[str, ...] | list[str] = (), leftover_bits: int = FULL_PRECISION
+                ) -> PrecisionMap:
         """Every cluster of ``model`` at ``bits``, except those matching ``keep_fp`` (kept at 32).
 
         ``keep_fp`` holds exact cluster names or ``fnmatch`` patterns (``*`` also matches dots);
         a pattern that matches no cluster raises ValueError (it is almost always a typo).
+        ``leftover_bits`` is the width of the parameters outside the clusters (32 = float32).
         """
         if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
             raise ValueError(f"bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
@@ -276,7 +318,15 @@ class PrecisionMap:
         if unmatched:
             raise ValueError(f"keep_fp patterns match no cluster: {unmatched}; clusters are {names}")
         table = {n: FULL_PRECISION if any(fnmatchcase(n, p) for p in patterns) else int(bits) for n in names}
-        return cls(table, granularity, meta={"strategy": "uniform"})
+        return cls(table, granularity, meta={"strategy": "uniform"}, leftover_bits=leftover_bits)
+
+    def with_meta(self, meta: Mapping[str, Any]) -> PrecisionMap:
+        """The same decisions (bits, granularity, leftover bits, version) with other ``meta``.
+
+        Use it instead of ``PrecisionMap(dict(pm.bits), pm.granularity, meta=...)``, which
+        silently drops every field added later (``leftover_bits``).
+        """
+        return replace(self, meta=meta)
 
     def validate(self, model: nn.Module) -> None:
         """Raise one ValueError listing every unknown cluster, missing cluster and invalid bit width."""
@@ -296,8 +346,11 @@ class PrecisionMap:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (bits in map order) that :meth:`from_dict` reads back to an equal map."""
-        return {"version": self.version, "granularity": self.granularity,
-                "bits": dict(self.bits), "meta": _thaw(self.meta)}
+        data: dict[str, Any] = {"version": self.version, "granularity": self.granularity, "bits": dict(self.bits)}
+        if self.leftover_bits != FULL_PRECISION:  # absent = 32: files without the option stay unchanged
+            data["leftover_bits"] = self.leftover_bits
+        data["meta"] = _thaw(self.meta)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<dict>") -> PrecisionMap:
@@ -318,7 +371,8 @@ class PrecisionMap:
             raise ValueError(f"{source}: missing key 'bits'")
         meta = data.get("meta", {})
         try:
-            return cls(data["bits"], data.get("granularity", "matrix"), version, {} if meta is None else meta)
+            return cls(data["bits"], data.get("granularity", "matrix"), version, {} if meta is None else meta,
+                       data.get("leftover_bits", FULL_PRECISION))
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from exc
 

@@ -300,6 +300,79 @@ def fake_quantize(
     return _STEQuantize.apply(w, bits, alpha.detach())
 
 
+# --- affine per-tensor quantizer for the FP leftovers (biases, LayerNorm) -------------------------
+
+AFFINE_BITS = (8, 16)  # widths of the leftover quantizer; codes are stored as uint8 / uint16
+
+
+class AffineResult(NamedTuple):
+    """Output of :func:`quantize_affine`: ``weight == low + scale * codes`` exactly."""
+
+    weight: torch.Tensor  # dequantized tensor, same dtype/shape/device as the input
+    codes: torch.Tensor  # unsigned codes in [0, 2^bits - 1] as int32, same shape as the input
+    scale: torch.Tensor  # 0-d float32 step between levels
+    low: torch.Tensor  # 0-d float32 value of code 0 (the tensor's minimum)
+
+
+def _check_affine_bits(bits: int) -> None:
+    if not isinstance(bits, numbers.Integral) or isinstance(bits, bool) or bits not in AFFINE_BITS:
+        raise ValueError(f"bits={bits!r} is not supported by the affine quantizer; expected one of {AFFINE_BITS}")
+
+
+def dequantize_affine(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """``low + scale * codes`` in float32; the one formula both quantization and packed reload use."""
+    return low.to(torch.float32) + scale.to(torch.float32) * codes.to(torch.float32)
+
+
+@torch.no_grad()
+def quantize_affine(w: torch.Tensor, bits: int) -> AffineResult:
+    """Per-tensor asymmetric quantization on ``2^bits`` levels from ``min(w)`` to ``max(w)``.
+
+    Asymmetric, not the symmetric table of the weight clusters, because leftovers are not
+    zero-centred: a softmax bias sits mostly below zero and a LayerNorm gain around 1, so a
+    symmetric grid would waste most of its levels. Min/max (no clipping) keeps the extremes
+    exact: a single large bias (often ``<eos>``'s) matters to the next-word distribution. A
+    constant tensor gets ``scale = 0`` and is reproduced exactly. Raises ValueError for
+    non-finite values, which have no affine code.
+    """
+    _check_affine_bits(bits)
+    if not torch.is_floating_point(w):
+        raise ValueError(f"w must be a floating-point tensor, got dtype {w.dtype}")
+    flat = w.detach().to(torch.float32).reshape(-1)
+    if flat.numel() == 0:
+        zero = flat.new_zeros(())
+        return AffineResult(w.detach().clone(), torch.zeros(w.shape, dtype=torch.int32, device=w.device), zero, zero)
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("cannot quantize a tensor with inf or NaN values")
+    low, high = flat.min(), flat.max()
+    top = 2 ** int(bits) - 1
+    scale = (high - low) / top
+    # scale == 0 only for a constant tensor: every code is 0 and low is the exact value.
+    safe = scale if float(scale) > 0 else torch.ones_like(scale)
+    codes = torch.clamp(torch.round((flat - low) / safe), 0, top).to(torch.int32).reshape(w.shape)
+    return AffineResult(dequantize_affine(codes, scale, low).to(w.dtype), codes, scale, low)
+
+
+class _STEAffine(torch.autograd.Function):
+    """Forward: :func:`quantize_affine`'s value (bit-identical). Backward: straight-through identity."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, w: torch.Tensor, bits: int):
+        return quantize_affine(w, bits).weight
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor):
+        return grad, None
+
+
+def fake_quantize_affine(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """:func:`quantize_affine`'s value in the forward pass, identity gradient to ``w``; 32 returns ``w``."""
+    if bits == FULL_PRECISION:
+        return w
+    _check_affine_bits(bits)
+    return _STEAffine.apply(w, bits)
+
+
 @torch.no_grad()
 def quantization_error(w: torch.Tensor, bits: int, granularity: str = "matrix") -> float:
     """Squared L2 error ``||Q(W) - W||^2`` (0.0 at 32 bits).

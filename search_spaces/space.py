@@ -7,6 +7,8 @@ Example::
       granularity: matrix         # matrix | row: one alpha per cluster or per row; bits are per cluster
       min_bits: 1                 # floor applied to every cluster's candidates, overrides included
       keep_fp: [pos_embedding]    # names or glob patterns kept at 32 bits
+      leftover_bits: 32           # 8 | 16 | 32: biases, LayerNorm and every other parameter outside
+                                  # the clusters, per-tensor affine; 32 keeps them float32 (default)
       overrides:                  # ordered list
         - {match: "embedding", bits: [2, 4, 8]}
         - {match: "layers.*.forget_gate.*", bits: [4, 8]}
@@ -21,7 +23,11 @@ Resolution rules, per cluster of ``find_clusters(model)``:
 
 Mistakes raise :class:`SpaceError` naming the file and dotted key: unknown keys, wrong types,
 a name or pattern that matches no cluster, an override that never applies (shadowed), a bit
-width the quantizer cannot do, no candidate left after ``min_bits``, a bad or infeasible budget.
+width the quantizer cannot do, no candidate left after ``min_bits``, a ``leftover_bits`` other
+than 8, 16 or 32, a bad or infeasible budget.
+
+``leftover_bits`` is not searched: every map the space builds carries it
+(:attr:`PrecisionMap.leftover_bits`), and the accounting below charges the leftovers at it.
 
 Budget accounting (the same as :func:`evaluators.size.model_size`, which the tests check):
 
@@ -32,8 +38,9 @@ Budget accounting (the same as :func:`evaluators.size.model_size`, which the tes
 
 All three become :meth:`Budget.max_weight_bits`, the largest allowed ``sum(bits * numel)`` over
 the *searchable* clusters (all but those pinned at 32 bits), which :func:`nas.allocate.allocate`
-takes. Byte budgets first subtract the fixed costs: FP leftovers and pinned clusters (4 bytes an
-element) and the scales of searchable clusters (4 bytes each, one per cluster or row). A cluster
+takes. Byte budgets first subtract the fixed costs: the leftovers (4 bytes an element, or
+``leftover_bits / 8`` plus 8 bytes a tensor when quantized), pinned clusters (4 bytes an element)
+and the scales of searchable clusters (4 bytes each, one per cluster or row). A cluster
 that may pick 32 is charged its scales anyway: the bound is then conservative by those bytes.
 """
 
@@ -50,13 +57,13 @@ from typing import Any
 
 from torch import nn
 
-from search_spaces.precision import PrecisionMap, find_clusters
+from search_spaces.precision import LEFTOVER_BITS, PrecisionMap, find_clusters
 from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
 
 DEFAULT_BITS = (1, 2, 4, 8)
 BUDGET_KINDS = ("avg_bits", "size_mb", "compression")
 BYTES_PER_MB = 1_000_000
-_SPACE_KEYS = ("bits", "granularity", "min_bits", "keep_fp", "overrides")
+_SPACE_KEYS = ("bits", "granularity", "min_bits", "keep_fp", "leftover_bits", "overrides")
 _OVERRIDE_KEYS = ("match", "bits")
 # Budgets arrive as floats (2.0 * numel, bytes / compression); weight-bit costs are integers, so
 # the bound is floored, forgiving float noise of this relative size first.
@@ -116,6 +123,14 @@ def _bits_list(value: Any, source: str, key: str) -> tuple[int, ...]:
             raise _err(source, f"{key}[{i}]", f"{b!r} is not a bit width the quantizer supports; "
                        f"allowed: {list(SUPPORTED_BITS)}")
     return tuple(sorted({int(b) for b in value}))
+
+
+def _check_leftover_bits(value: Any, source: str) -> int:
+    """``space.leftover_bits`` as an int, or SpaceError naming the file, the key and the value."""
+    if not _is_int(value) or value not in LEFTOVER_BITS:
+        raise _err(source, "space.leftover_bits", f"{value!r} is not supported; allowed: {list(LEFTOVER_BITS)} "
+                   "(8 or 16 quantize biases and norms per tensor, 32 keeps them float32)")
+    return int(value)
 
 
 def _mapping(value: Any, source: str, key: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
@@ -179,9 +194,12 @@ class SearchSpace:
 
     ``candidates``: cluster -> ascending candidate bits (``(32,)`` for pinned FP clusters), in
     model order. ``sizes``: cluster -> numel. ``scales``: cluster -> scales it stores when
-    quantized (1, or its rows at ``"row"`` granularity). ``leftover_params``: elements left in
-    FP32 outside every cluster. ``fp32_bytes``: the whole model in FP32. Build it with
-    :meth:`from_config`; the accounting fields are filled from the model there.
+    quantized (1, or its rows at ``"row"`` granularity). ``leftover_params``: elements outside
+    every cluster (parameters and buffers). ``fp32_bytes``: the whole model in FP32.
+    ``leftover_bits``: the width every map of this space gives the leftover parameters.
+    ``leftover_bytes``: what the leftovers cost at that width, scales included (None: 4 bytes an
+    element, right at 32 bits). Build it with :meth:`from_config`; the accounting fields are
+    filled from the model there.
     """
 
     candidates: Mapping[str, tuple[int, ...]]
@@ -192,8 +210,11 @@ class SearchSpace:
     scales: Mapping[str, int] | None = None  # None: one per cluster (matrix granularity only)
     leftover_params: int = 0
     fp32_bytes: float | None = None  # None: 4 bytes per cluster weight and leftover element
+    leftover_bits: int = FULL_PRECISION
+    leftover_bytes: float | None = None  # None: 4 bytes per leftover element
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "leftover_bits", _check_leftover_bits(self.leftover_bits, self.source))
         bad = [n for n, c in self.candidates.items() if not c or list(c) != sorted(set(c) & set(SUPPORTED_BITS))]
         if bad or set(self.candidates) != set(self.sizes):
             raise _err(self.source, "space", f"clusters {bad} need ascending unique candidates from "
@@ -208,6 +229,8 @@ class SearchSpace:
         object.__setattr__(self, "sizes", MappingProxyType({k: self.sizes[k] for k in self.candidates}))
         object.__setattr__(self, "scales", MappingProxyType({k: scales[k] for k in self.candidates}))
         object.__setattr__(self, "fp32_bytes", fp32)
+        leftover = FP32_BYTES * self.leftover_params if self.leftover_bytes is None else self.leftover_bytes
+        object.__setattr__(self, "leftover_bytes", float(leftover))
         if self.budget is not None:
             self._check_feasible(self.budget)
 
@@ -237,6 +260,8 @@ class SearchSpace:
         min_bits = raw.get("min_bits", 1)
         if not _is_int(min_bits) or not 1 <= min_bits <= FULL_PRECISION:
             raise _err(source, "space.min_bits", f"expected an int from 1 to {FULL_PRECISION}, got {min_bits!r}")
+
+        leftover_bits = _check_leftover_bits(raw.get("leftover_bits", FULL_PRECISION), source)
 
         keep_fp = _list(raw.get("keep_fp", []), source, "space.keep_fp", "names or patterns")
         pinned = {n for i, text in enumerate(keep_fp) for n in _hits(text, names, source, f"space.keep_fp[{i}]")}
@@ -280,9 +305,11 @@ class SearchSpace:
         sizes = {n: c.numel for n, c in clusters.items()}
         scales = {n: 1 if granularity == "matrix" else c.shape[0] for n, c in clusters.items()}
         # Leftovers and FP32 size straight from model_size, so the accounting cannot drift from it.
-        fp = _model_size(model, PrecisionMap(dict.fromkeys(names, FULL_PRECISION), granularity))
+        fp = _model_size(model, PrecisionMap(dict.fromkeys(names, FULL_PRECISION), granularity,
+                                             leftover_bits=leftover_bits))
         return cls(candidates, sizes, granularity, Budget.from_config(budget, source), source, scales,
-                   int(fp["fp_leftover_params"]), fp["fp32_bytes"])
+                   int(fp["fp_leftover_params"] + fp["quantized_leftover_params"]), fp["fp32_bytes"],
+                   leftover_bits, fp["leftover_bytes"])
 
     @property
     def searchable(self) -> tuple[str, ...]:
@@ -308,7 +335,7 @@ class SearchSpace:
     def fixed_bytes(self) -> float:
         """Bytes that do not depend on the search: leftovers, pinned clusters, searchable scales."""
         scales = sum(self.scales[n] for n in self.searchable if self.candidates[n][0] < FULL_PRECISION)
-        return float(FP32_BYTES * (self.leftover_params + self.pinned_params + scales))
+        return float(self.leftover_bytes + FP32_BYTES * (self.pinned_params + scales))
 
     def weight_bits(self, precision_map: PrecisionMap) -> int:
         """``sum(bits * numel)`` over the searchable clusters: what budgets bound."""
@@ -316,7 +343,7 @@ class SearchSpace:
 
     def theoretical_bytes(self, precision_map: PrecisionMap) -> float:
         """``model_size(...)['theoretical_bytes']`` without the model (same accounting)."""
-        total = FP32_BYTES * self.leftover_params
+        total = float(self.leftover_bytes)
         for name, n in self.sizes.items():
             b = precision_map.bits[name]
             total += FP32_BYTES * n if b == FULL_PRECISION else b * n / 8 + FP32_BYTES * self.scales[name]
@@ -327,7 +354,8 @@ class SearchSpace:
         return self.budget is None or self.weight_bits(precision_map) <= self.budget.max_weight_bits(self)
 
     def _map(self, bits: Mapping[str, int], strategy: str) -> PrecisionMap:
-        return PrecisionMap(dict(bits), self.granularity, meta={"strategy": strategy})
+        return PrecisionMap(dict(bits), self.granularity, meta={"strategy": strategy},
+                            leftover_bits=self.leftover_bits)
 
     def smallest_map(self) -> PrecisionMap:
         """Every cluster at its fewest candidate bits."""
@@ -345,8 +373,10 @@ class SearchSpace:
                          "uniform")
 
     def contains(self, precision_map: PrecisionMap) -> bool:
-        """Whether the map has exactly these clusters, this granularity, and only candidate bits."""
+        """Whether the map has exactly these clusters, granularity and leftover width, and only
+        candidate bits."""
         return (isinstance(precision_map, PrecisionMap) and precision_map.granularity == self.granularity
+                and precision_map.leftover_bits == self.leftover_bits
                 and set(precision_map.bits) == set(self.candidates)
                 and all(b in self.candidates[n] for n, b in precision_map.bits.items()))
 
@@ -382,6 +412,8 @@ class SearchSpace:
         pinned = len(self.candidates) - len(self.searchable)
         lines = [f"{self.source}: {len(self.candidates)} clusters ({len(self.free)} with a choice, {pinned} kept "
                  f"at 32 bits), granularity {self.granularity}",
+                 f"leftovers (biases, norms; buffers stay FP32): {self.leftover_params} elements, leftover_bits "
+                 f"{self.leftover_bits}, {self.leftover_bytes / BYTES_PER_MB:.6f} MB",
                  f"{'cluster':<{width}}  {'params':>10}  candidates"]
         lines += [f"{n:<{width}}  {self.sizes[n]:>10}  {' '.join(map(str, c))}" for n, c in self.candidates.items()]
         lo = _model_size(model, self.smallest_map())
