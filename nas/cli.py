@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 
 from nas.config import ConfigError, load_config
-from nas.data import DataError, describe_vocab_mismatch, format_corpus_summary, load_corpus, resolve_data_dir
+from nas.data import (
+    CorpusOptions,
+    DataError,
+    describe_vocab_mismatch,
+    format_corpus_summary,
+    load_corpus,
+    resolve_data_dir,
+)
 from nas.nbest_cli import add_nbest_arguments
 from nas.nni_launcher import add_nni_parser
 from nas.pipeline import add_pipeline_parser, run_from_args
@@ -34,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from nas.train import train
 
     exp = load_config(args.config)
-    corpus = load_corpus(resolve_data_dir(args.data or exp.data.path))
+    corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
     print(format_corpus_summary(corpus.summary()), flush=True)
     out = Path(args.out or Path("runs") / Path(exp.source).stem)
     metrics = train(exp, corpus, out, device=args.device, resume=args.resume,
@@ -80,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         return run_nbest(args, _load_any_model)
     model, size, vocab = _load_any_model(path)
-    corpus = load_corpus(resolve_data_dir(args.data))
+    corpus = load_corpus(resolve_data_dir(args.data), CorpusOptions(blank_lines=args.blank_lines))
     if vocab is not None and vocab != corpus.vocab.words:
         raise ValueError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}: "
                          f"{describe_vocab_mismatch(vocab, corpus.vocab.words)}")
@@ -104,7 +111,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from search_spaces.models import build_model
 
     exp = load_config(args.config)
-    corpus = load_corpus(resolve_data_dir(args.data or exp.data.path))
+    corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
     config = dict(load_fp_checkpoint(args.checkpoint)["config"])
     precision = resolve_precision(args.precision, build_model(config.pop("type"), **config))
     method = args.method or exp.retrain.method
@@ -177,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="a best.pt of `mpnas train`/`retrain`, or a packed .mpq file")
     p.add_argument("--splits", nargs="+", default=["valid", "test"], choices=["train", "valid", "test"])
     p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--blank-lines", choices=["eos", "skip"], default="eos",
+                   help="a blank corpus line is one <eos> (default, as the LM benchmarks count) or no token")
     p.add_argument("--json", action="store_true", help="also print the numbers as JSON")
     add_nbest_arguments(p)
     _add_common(p)

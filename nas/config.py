@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from nas.data import CorpusOptions
 from search_spaces.models import MODEL_TYPES
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -34,6 +35,17 @@ class DataSection:
     context: int = 64  # Transformer: training window length
     eval_batch_size: int = 10
     eval_stride: int = 32  # Transformer evaluation: new tokens scored per sliding window
+    # "eos": a blank line is one <eos>, like every line (the LM benchmarks' token counts);
+    # "skip": blank lines give no token (mpnas before issue 16)
+    blank_lines: str = "eos"
+
+    def __post_init__(self) -> None:
+        if self.blank_lines not in ("eos", "skip"):
+            raise ValueError(f"blank_lines must be 'eos' or 'skip', got {self.blank_lines!r}")
+
+    def corpus_options(self) -> CorpusOptions:
+        """How the corpus text of this experiment becomes tokens."""
+        return CorpusOptions(blank_lines=self.blank_lines)  # type: ignore[arg-type]
 
 
 @dataclass

@@ -193,7 +193,7 @@ def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path
     from search_spaces.space import BYTES_PER_MB, SearchSpace
 
     exp = load_config(spec["config"])
-    corpus = load_corpus(Path(spec["data"]))
+    corpus = load_corpus(Path(spec["data"]), exp.data.corpus_options())
     ckpt = load_fp_checkpoint(spec["checkpoint"], corpus)
     config = dict(ckpt["config"])
     model = build_model(config.pop("type"), **config)

@@ -128,7 +128,10 @@ class Pipeline:
         self.method = exp.pipeline.retrain_method or exp.retrain.method
         self.state = RunState(self.run / "state.json")
         self.corpus_hash = corpus_hash(corpus)
-        self.data = {k: v for k, v in dataclasses.asdict(exp.data).items() if k != "path"}
+        # the corpus hash covers what blank_lines does to the tokens; left out at its default so
+        # that runs from before the key keep their hashes
+        self.data = {k: v for k, v in dataclasses.asdict(exp.data).items()
+                     if k != "path" and not (k == "blank_lines" and v == "eos")}
         self.ran: list[str] = []  # stages run (not skipped) by this object, in order
         self.step, self.total = 0, 0
         self._hashes: dict[tuple[str, int, int], str] = {}
@@ -327,7 +330,7 @@ def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", text)
     atomic_write_text(run_dir / "command.txt", (command or shlex.join(sys.argv)).replace("\n", " ") + "\n")
-    corpus = load_corpus(resolve_data_dir(data or exp.data.path))
+    corpus = load_corpus(resolve_data_dir(data or exp.data.path), exp.data.corpus_options())
     pipe = Pipeline(exp, run_dir, corpus, checkpoint=None if checkpoint is None else Path(checkpoint),
                     device=device, checkpoint_every=checkpoint_every, log=log)
     points = plan_points(exp.pipeline)

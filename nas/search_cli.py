@@ -48,7 +48,7 @@ def cmd_space(args: argparse.Namespace) -> int:
     exp = load_config(args.config)
     vocab_size = None
     if not args.checkpoint:
-        corpus = load_corpus(resolve_data_dir(args.data or exp.data.path))
+        corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
         print(format_corpus_summary(corpus.summary()))
         vocab_size = len(corpus.vocab)
     model, _ = model_for(exp, args.checkpoint, vocab_size)
@@ -65,7 +65,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from nas.strategies import SearchData, get_strategy
 
     exp = load_config(args.config)
-    corpus = load_corpus(resolve_data_dir(args.data or exp.data.path))
+    corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
     model, ckpt = model_for(exp, args.checkpoint, len(corpus.vocab))
     if ckpt is not None and "vocab" in ckpt and tuple(ckpt["vocab"]) != corpus.vocab.words:
         raise ValueError(f"{args.checkpoint}: its vocabulary differs from the corpus in {corpus.folder}: "

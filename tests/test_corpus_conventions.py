@@ -229,3 +229,23 @@ def test_ptb_counts_and_vocabulary_order_are_unchanged(ptb_dir: Path, caplog: py
     assert [splits[s]["unk"] for s in data.SPLITS] == [45_020, 3_485, 4_794]
     skip = load_corpus(ptb_dir, data.CorpusOptions(blank_lines="skip"))
     assert skip.vocab == corpus.vocab and torch.equal(skip.train, corpus.train)
+
+
+def test_blank_lines_is_an_experiment_key_used_by_the_commands(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`data.blank_lines: skip` in the YAML reaches the corpus `mpnas train` reads; a bad value names the key."""
+    from nas.config import ConfigError, parse_config
+
+    folder = _corpus(tmp_path / "c", WIKI_TRAIN, " a \n\n", " d \n")
+    exp = {"model": {"type": "lstm", "embed_dim": 4, "hidden_dim": 4, "num_layers": 1},
+           "data": {"batch_size": 2, "bptt": 2, "eval_batch_size": 1, "blank_lines": "skip"},
+           "train": {"optimizer": "adam", "lr": 0.01, "schedule": "constant", "epochs": 1, "max_steps_per_epoch": 1}}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    assert main(["train", str(config), "--data", str(folder), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "blank lines: skip" in printed and "train: 11 tokens, 6 lines (3 blank)" in printed
+    assert parse_config(exp).data.corpus_options() == data.CorpusOptions(blank_lines="skip")
+    with pytest.raises(ConfigError, match="blank_lines must be 'eos' or 'skip', got 'drop'"):
+        parse_config({**exp, "data": {**exp["data"], "blank_lines": "drop"}}, "exp.yaml")
