@@ -123,6 +123,23 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prototypes(args: argparse.Namespace) -> int:
+    """Retrain one uniform-precision prototype per candidate width (nas/prototypes.py); rerun to resume."""
+    from nas.prototypes import build_prototypes
+    from search_spaces.space import DEFAULT_BITS
+
+    exp = load_config(args.config)
+    corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
+    bits = args.bits or [b for b in (exp.space or {}).get("bits", DEFAULT_BITS) if b < 16]
+    out = Path(args.out or Path("runs") / f"{Path(exp.source).stem}_prototypes")
+    index = build_prototypes(exp, corpus, args.checkpoint, bits, out, method=args.method, device=args.device,
+                             checkpoint_every=args.checkpoint_every, progress=not args.no_progress)
+    for b, entry in sorted(index["prototypes"].items(), key=lambda item: int(item[0])):
+        print(f"{b}-bit: valid ppl {entry['valid_ppl']:.2f}  test ppl {entry['test_ppl']:.2f}  "
+              f"{entry['bytes'] / 1e6:.3f} MB  ({out / entry['file']})")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a checkpoint as a packed file at its precision map."""
     from nas.retrain import load_fp_checkpoint, resolve_precision
@@ -173,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<config>_<method>)")
     _add_run_options(p)
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("prototypes", help="retrain one uniform-precision model per candidate width (resumable)")
+    p.add_argument("config", help="experiment YAML (its `retrain` section; widths: space.bits)")
+    p.add_argument("--checkpoint", required=True, help="the FP checkpoint (best.pt or .safetensors)")
+    p.add_argument("--bits", type=int, nargs="+", help="widths (default: the config's space.bits below 16)")
+    p.add_argument("--method", choices=["admm", "ste"], help="default: retrain.method of the config")
+    p.add_argument("--out", help="prototype folder (default runs/<config>_prototypes)")
+    _add_run_options(p)
+    p.set_defaults(func=cmd_prototypes)
 
     p = sub.add_parser("export", help="write a (retrained) checkpoint as a bit-packed file")
     p.add_argument("checkpoint", help="best.pt of `mpnas retrain` (or any checkpoint with --precision)")

@@ -1,0 +1,155 @@
+"""Uniform-precision prototypes: one retrained model per candidate bit width (issue 13).
+
+The papers measure sensitivities and build their supernet on four uniform-precision models
+retrained with ADMM at 1, 2, 4 and 8 bits (the "prototypes"), then fine-tune the chosen map from
+the inherited prototype weights. :func:`build_prototypes` makes them: for every width it retrains
+the FP checkpoint at uniform precision with the experiment's ``retrain`` section (resumable: an
+interrupted width continues from its ``checkpoint.pt``), and stores the result as a packed file
+(codes and scales, no pickle: small enough to commit, e.g. 1.2 MB at 2 bits for the PTB LSTM).
+
+Folder layout (``out_dir``):
+
+- ``<b>bit.mpq``: the b-bit prototype, packed (what later stages and other sessions read);
+- ``<b>bit/``: its retraining run (``checkpoint.pt``, ``best.pt``, ``metrics.json``); may be
+  deleted once the ``.mpq`` exists (git ignores it);
+- ``prototypes.json``: the index: per width the file, its sha256, valid/test perplexity, method,
+  epochs, and what every prototype was made from (FP checkpoint sha256, retrain section).
+
+A width whose ``.mpq`` is listed in the index with the same inputs is not retrained again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from nas.checkpoint import atomic_write_text
+from nas.config import ExperimentConfig
+from nas.data import Corpus
+from nas.retrain import load_fp_checkpoint, retrain
+from nas.stages import canonical_hash, file_sha256, load_model
+from search_spaces.packed import export_packed, load_packed
+from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
+from search_spaces.quant import FULL_PRECISION, SUPPORTED_BITS
+
+log = logging.getLogger(__name__)
+
+INDEX = "prototypes.json"
+INDEX_VERSION = 1
+
+
+class PrototypeError(ValueError):
+    """A prototype folder that cannot serve: missing, stale or for another model."""
+
+
+def prototype_file(out_dir: Path, bits: int) -> Path:
+    """Where the packed ``bits``-bit prototype lives."""
+    return Path(out_dir) / f"{bits}bit.mpq"
+
+
+def _inputs(exp: ExperimentConfig, fp_checkpoint: Path, method: str) -> dict[str, Any]:
+    """What a prototype is made from; a change retrains it."""
+    section = dataclasses.asdict(dataclasses.replace(exp.retrain, method=method))
+    return {"fp_sha256": file_sha256(fp_checkpoint), "retrain": canonical_hash(section),
+            "model": canonical_hash(exp.model), "data": canonical_hash(
+                {k: v for k, v in dataclasses.asdict(exp.data).items() if k != "path"})}
+
+
+def read_index(out_dir: Path) -> dict[str, Any]:
+    """``prototypes.json`` of ``out_dir`` (an empty index when there is none)."""
+    path = Path(out_dir) / INDEX
+    if not path.is_file():
+        return {"version": INDEX_VERSION, "prototypes": {}}
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PrototypeError(f"{path}: not valid JSON ({exc})") from exc
+    if index.get("version") != INDEX_VERSION or not isinstance(index.get("prototypes"), dict):
+        raise PrototypeError(f"{path}: expected a prototype index of version {INDEX_VERSION} with a "
+                             f"'prototypes' mapping, got version {index.get('version')!r}")
+    return index
+
+
+def _check_bits(bits: list[int]) -> list[int]:
+    bad = [b for b in bits if b not in SUPPORTED_BITS or b == FULL_PRECISION]
+    if bad or not bits:
+        raise PrototypeError(f"prototype widths {bits}: expected one or more of "
+                             f"{[b for b in SUPPORTED_BITS if b != FULL_PRECISION]}")
+    return sorted(set(bits))
+
+
+def build_prototypes(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, bits: list[int],
+                     out_dir: str | Path, *, method: str | None = None, device: str = "cpu",
+                     checkpoint_every: int = 200, progress: bool = False) -> dict[str, Any]:
+    """Retrain ``fp_checkpoint`` at uniform ``bits`` for every width; returns the index.
+
+    Widths already in the index with the same inputs are kept; the others are retrained (resuming
+    an interrupted run) and exported. The index is rewritten after every width, atomically, so an
+    interruption loses at most the width in progress (and not even that: its run resumes).
+    """
+    bits = _check_bits(list(bits))
+    out_dir, fp_checkpoint = Path(out_dir), Path(fp_checkpoint)
+    method = method or exp.retrain.method
+    load_fp_checkpoint(fp_checkpoint, corpus)  # vocabulary and format errors before any training
+    inputs = _inputs(exp, fp_checkpoint, method)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = read_index(out_dir)
+    for b in bits:
+        packed = prototype_file(out_dir, b)
+        entry = index["prototypes"].get(str(b))
+        if entry and entry["inputs"] == inputs and packed.is_file() and file_sha256(packed) == entry["sha256"]:
+            log.info("%d-bit prototype: cached (%s)", b, packed)
+            continue
+        run = out_dir / f"{b}bit"
+        model = load_model(fp_checkpoint)
+        precision = PrecisionMap.uniform(model, b).with_meta({"prototype_bits": b, "method": method})
+        log.info("%d-bit prototype: retraining with %s into %s", b, method, run)
+        metrics = retrain(exp, corpus, fp_checkpoint, precision, run, method=method, device=device,
+                          resume=(run / "checkpoint.pt").is_file(), progress=progress,
+                          checkpoint_every=checkpoint_every)
+        export_packed(load_model(run / "best.pt"), precision, packed)
+        index["prototypes"][str(b)] = {
+            "file": packed.name, "sha256": file_sha256(packed), "bytes": packed.stat().st_size,
+            "valid_ppl": metrics["valid_ppl"], "test_ppl": metrics["test_ppl"], "method": method,
+            "epochs_run": metrics.get("epochs_run", metrics.get("epochs")), "inputs": inputs}
+        atomic_write_text(out_dir / INDEX, json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return index
+
+
+def load_prototypes(out_dir: str | Path, bits: list[int] | None = None) -> dict[int, nn.Module]:
+    """The packed prototypes of ``out_dir`` as models (all widths in the index, or ``bits``).
+
+    Every file is checked against the index's sha256, so a stale or swapped file is refused.
+    """
+    out_dir = Path(out_dir)
+    entries = read_index(out_dir)["prototypes"]
+    wanted = sorted(int(b) for b in entries) if bits is None else list(bits)
+    missing = [b for b in wanted if str(b) not in entries]
+    if missing or not wanted:
+        raise PrototypeError(f"{out_dir}: no prototype for {missing or 'any width'}; it has "
+                             f"{sorted(int(b) for b in entries)} (build them with `mpnas prototypes`)")
+    models = {}
+    for b in wanted:
+        path = out_dir / entries[str(b)]["file"]
+        if not path.is_file() or file_sha256(path) != entries[str(b)]["sha256"]:
+            raise PrototypeError(f"{path}: missing or not the file {INDEX} lists (sha256 differs)")
+        models[b], _ = load_packed(path)
+    return models
+
+
+def prototype_weights(models: dict[int, nn.Module], reference: nn.Module) -> dict[int, dict[str, Any]]:
+    """Per width, every cluster's prototype weights (detached), checked against ``reference``'s clusters."""
+    clusters = find_clusters(reference)
+    out: dict[int, dict[str, Any]] = {}
+    for b, model in models.items():
+        theirs = find_clusters(model)
+        if set(theirs) != set(clusters) or any(theirs[n].shape != clusters[n].shape for n in clusters):
+            raise PrototypeError(f"the {b}-bit prototype has other clusters than the model "
+                                 "(another architecture or vocabulary?)")
+        out[b] = {name: cluster_weight(model, c).detach().clone() for name, c in theirs.items()}
+    return out

@@ -1,0 +1,111 @@
+"""Uniform-precision prototypes (issue 13 item 1): build, cache, resume, load, refuse stale files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from nas.checkpoint import load_checkpoint
+from nas.cli import main
+from nas.config import parse_config
+from nas.data import load_corpus
+from nas.prototypes import (
+    INDEX,
+    PrototypeError,
+    build_prototypes,
+    load_prototypes,
+    prototype_file,
+    prototype_weights,
+)
+from nas.retrain import retrain
+from nas.stages import load_model
+from nas.train import train
+from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
+from tests.synthetic import write_synthetic_corpus
+
+EXP = {"model": {"type": "lstm", "embed_dim": 12, "hidden_dim": 12, "num_layers": 1},
+       "data": {"batch_size": 4, "bptt": 8, "eval_batch_size": 2},
+       "train": {"optimizer": "adam", "lr": 0.02, "schedule": "constant", "epochs": 1, "seed": 1},
+       "retrain": {"method": "ste", "optimizer": "adam", "lr": 0.005, "schedule": "constant", "epochs": 1,
+                   "max_steps_per_epoch": 12, "project_every": 5, "seed": 2},
+       "space": {"bits": [1, 2, 4]}}
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("fp")
+    corpus_dir = write_synthetic_corpus(root / "corpus")
+    train(parse_config(EXP), load_corpus(corpus_dir), root / "fp", progress=False)
+    return corpus_dir, root / "fp" / "best.pt"
+
+
+def test_build_load_and_cache(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus_dir, fp = fp_run
+    exp, corpus = parse_config(EXP), load_corpus(corpus_dir)
+    index = build_prototypes(exp, corpus, fp, [4, 2], tmp_path / "p")
+    assert sorted(index["prototypes"]) == ["2", "4"]
+    models = load_prototypes(tmp_path / "p")
+    reference = load_model(fp)
+    weights = prototype_weights(models, reference)
+    for b, model in models.items():
+        for name, cluster in find_clusters(model).items():  # every cluster on a b-bit table
+            assert cluster_weight(model, cluster).detach().unique().numel() <= 2**b - 1, (b, name)
+        # the packed prototype is the retrained best.pt (exactly: best.pt is on its table)
+        best = load_model(tmp_path / "p" / f"{b}bit" / "best.pt")
+        for name, cluster in find_clusters(best).items():
+            assert torch.equal(cluster_weight(best, cluster).detach(), weights[b][name]), (b, name)
+    # a second call with the same inputs retrains nothing and leaves the files alone
+    stamps = {b: prototype_file(tmp_path / "p", b).stat().st_mtime_ns for b in (2, 4)}
+    again = build_prototypes(exp, corpus, fp, [2, 4], tmp_path / "p")
+    assert again == index
+    assert stamps == {b: prototype_file(tmp_path / "p", b).stat().st_mtime_ns for b in (2, 4)}
+    # another recipe is another prototype
+    changed = parse_config({**EXP, "retrain": {**EXP["retrain"], "lr": 0.001}})
+    build_prototypes(changed, corpus, fp, [2], tmp_path / "p")
+    assert prototype_file(tmp_path / "p", 2).stat().st_mtime_ns != stamps[2]
+
+
+def test_an_interrupted_width_resumes_exactly(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus_dir, fp = fp_run
+    exp, corpus = parse_config(EXP), load_corpus(corpus_dir)
+    build_prototypes(exp, corpus, fp, [2], tmp_path / "straight")
+    precision = PrecisionMap.uniform(load_model(fp), 2).with_meta({"prototype_bits": 2, "method": "ste"})
+    stopped = retrain(exp, corpus, fp, precision, tmp_path / "resumed" / "2bit", method="ste", progress=False,
+                      stop_after_steps=7)
+    assert stopped["stopped_early"]
+    build_prototypes(exp, corpus, fp, [2], tmp_path / "resumed")
+    a, b = (load_checkpoint(tmp_path / run / "2bit" / "best.pt")["model"] for run in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert prototype_file(tmp_path / "straight", 2).read_bytes() == prototype_file(tmp_path / "resumed", 2).read_bytes()
+
+
+def test_stale_or_missing_prototypes_are_refused(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus_dir, fp = fp_run
+    build_prototypes(parse_config(EXP), load_corpus(corpus_dir), fp, [2], tmp_path / "p")
+    with pytest.raises(PrototypeError, match=r"no prototype for \[4\]"):
+        load_prototypes(tmp_path / "p", [2, 4])
+    packed = prototype_file(tmp_path / "p", 2)
+    packed.write_bytes(packed.read_bytes()[:-1] + b"\0")
+    with pytest.raises(PrototypeError, match="sha256 differs"):
+        load_prototypes(tmp_path / "p")
+    (tmp_path / "p" / INDEX).write_text("{")
+    with pytest.raises(PrototypeError, match="not valid JSON"):
+        load_prototypes(tmp_path / "p")
+    with pytest.raises(PrototypeError, match="prototype widths \\[32\\]"):
+        build_prototypes(parse_config(EXP), load_corpus(corpus_dir), fp, [32], tmp_path / "q")
+
+
+def test_cli_builds_the_config_widths(fp_run: tuple[Path, Path], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    corpus_dir, fp = fp_run
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({**EXP, "space": {"bits": [1, 2, 32]}}))
+    assert main(["prototypes", str(config), "--checkpoint", str(fp), "--data", str(corpus_dir), "--out",
+                 str(tmp_path / "p"), "--no-progress", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "1-bit: valid ppl" in printed and "2-bit: valid ppl" in printed
+    assert sorted(json.loads((tmp_path / "p" / INDEX).read_text())["prototypes"]) == ["1", "2"]
