@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -115,9 +116,12 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     config = dict(load_fp_checkpoint(args.checkpoint)["config"])
     precision = resolve_precision(args.precision, build_model(config.pop("type"), **config))
     method = args.method or exp.retrain.method
+    if args.init:
+        exp = dataclasses.replace(exp, retrain=dataclasses.replace(exp.retrain, init=args.init))
     out = Path(args.out or Path("runs") / f"{Path(exp.source).stem}_{method}")
     metrics = retrain(exp, corpus, args.checkpoint, precision, out, method=method, device=args.device,
-                      resume=args.resume, progress=not args.no_progress, checkpoint_every=args.checkpoint_every)
+                      resume=args.resume, progress=not args.no_progress, checkpoint_every=args.checkpoint_every,
+                      prototypes=args.prototypes)
     print(f"{method}: valid ppl {metrics['valid_ppl']:.2f}  test ppl {metrics['test_ppl']:.2f}  "
           f"avg bits {metrics['avg_bits']:.2f}  compression {metrics['compression']:.2f}x  ({out / 'best.pt'})")
     return 0
@@ -188,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="the FP best.pt to start from")
     p.add_argument("--method", choices=["admm", "ste"], help="default: retrain.method of the config")
     p.add_argument("--out", help="run folder (default runs/<config>_<method>)")
+    p.add_argument("--init", choices=["fp", "inherited"],
+                   help="start each cluster from the FP weights or its prototype's (default: retrain.init)")
+    p.add_argument("--prototypes", help="prototype folder of `mpnas prototypes` (for --init inherited)")
     _add_run_options(p)
     p.set_defaults(func=cmd_retrain)
 

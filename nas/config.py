@@ -103,6 +103,9 @@ class RetrainSection(TrainSection):
     # scale_lr instead of re-solving every period. STE and ADMM (quantized forward).
     learn_scales: bool = False
     scale_lr: float = 1e-3
+    # Where each quantized cluster starts: "fp" (the FP checkpoint's weights) or "inherited" (its
+    # weights in the uniform prototype of the cluster's width; `mpnas prototypes`, nas/prototypes.py)
+    init: str = "fp"
     ste_finetune_steps: int = 0  # ADMM: optional STE fine-tune after the final projection
     # Knowledge distillation from the FP checkpoint (nas/distill.py): weight of the teacher's
     # soft-target KL in the loss (0 = off, 1 = soft targets only) and its softmax temperature.
@@ -122,6 +125,8 @@ class RetrainSection(TrainSection):
                              f"got {self.project_every}, {self.project_every_epochs}, {self.ste_finetune_steps}")
         if self.admm_forward not in ("quantized", "latent"):
             raise ValueError(f"admm_forward must be 'quantized' or 'latent', got {self.admm_forward!r}")
+        if self.init not in ("fp", "inherited"):
+            raise ValueError(f"init must be 'fp' or 'inherited', got {self.init!r}")
         if not self.scale_lr > 0:
             raise ValueError(f"scale_lr must be > 0, got {self.scale_lr}")
         if self.learn_scales and self.method == "admm" and self.admm_forward == "latent":

@@ -68,7 +68,7 @@ def section_inputs(section: Any) -> dict[str, Any]:
     """A train/retrain section as hashed into a stage's inputs.
 
     Keys added after runs already existed are left out at their neutral default (``valid_tokens:
-    None``, the whole valid split; ``learn_scales: false`` and its ``scale_lr``), so that such runs
+    None``, the whole valid split; ``learn_scales: false`` and its ``scale_lr``; ``init: fp``), so that such runs
     keep their hashes and are not redone.
     """
     values = dataclasses.asdict(section)
@@ -77,6 +77,8 @@ def section_inputs(section: Any) -> dict[str, Any]:
     if values.get("learn_scales") is False:
         del values["learn_scales"]
         values.pop("scale_lr", None)
+    if values.get("init") == "fp":
+        del values["init"]
     return values
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from evaluators.size import model_size
@@ -25,7 +26,8 @@ from nas.distributed import dist_info_from_env, resolve_device
 from nas.ste import QuantizedClusters, SteHooks
 from nas.train import TrainingHooks, _evaluate, train
 from search_spaces.models import build_model
-from search_spaces.precision import PrecisionMap
+from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
+from search_spaces.quant import FULL_PRECISION
 
 
 def load_fp_checkpoint(path: str | Path, corpus: Corpus | None = None) -> dict[str, Any]:
@@ -176,13 +178,54 @@ def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt:
     return metrics
 
 
+def inherited_state(fp_checkpoint: str | Path, ckpt: dict[str, Any], precision: PrecisionMap,
+                    prototypes: str | Path) -> dict[str, torch.Tensor]:
+    """The FP weights with every quantized cluster replaced by its prototype's (issue 13, item 5).
+
+    A b-bit cluster starts from its weights in the b-bit prototype, which lie on a b-bit table,
+    so the least-squares projection (and the first scales) of retraining keep them exactly; full
+    precision clusters, biases and norms keep the FP values. The prototypes must have been made
+    from this FP checkpoint (their index records its sha256).
+    """
+    from nas.prototypes import PrototypeError, load_prototypes, prototype_weights, read_index
+    from nas.stages import file_sha256
+
+    index = read_index(Path(prototypes))["prototypes"]
+    made_from = {entry["inputs"]["fp_sha256"] for entry in index.values()}
+    if made_from and made_from != {file_sha256(Path(fp_checkpoint))}:
+        raise PrototypeError(f"{prototypes}: its prototypes were made from another FP checkpoint than "
+                             f"{fp_checkpoint}; build them from it with `mpnas prototypes`")
+    config = dict(ckpt["config"])
+    model = build_model(config.pop("type"), **config)
+    model.load_state_dict(ckpt["model"])
+    widths = sorted({b for b in precision.bits.values() if b < FULL_PRECISION})
+    weights = prototype_weights(load_prototypes(prototypes, widths), model)
+    clusters = find_clusters(model)
+    with torch.no_grad():
+        for name, bits in precision.bits.items():
+            if bits < FULL_PRECISION:
+                cluster_weight(model, clusters[name]).copy_(weights[bits][name])
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, precision: PrecisionMap,
             out_dir: str | Path, *, method: str | None = None, device: str | None = "cpu", resume: bool = False,
-            progress: bool = True, checkpoint_every: int = 0, stop_after_steps: int | None = None
-            ) -> dict[str, Any]:
-    """Retrain ``fp_checkpoint`` at ``precision`` with ADMM or STE; returns metrics.json's content."""
+            progress: bool = True, checkpoint_every: int = 0, stop_after_steps: int | None = None,
+            prototypes: str | Path | None = None) -> dict[str, Any]:
+    """Retrain ``fp_checkpoint`` at ``precision`` with ADMM or STE; returns metrics.json's content.
+
+    With ``retrain.init: inherited`` every quantized cluster starts from its weights in the
+    prototype of its width, read from the ``prototypes`` folder (:func:`inherited_state`); the
+    distillation teacher stays the FP model.
+    """
     out_dir = Path(out_dir)
     ckpt = load_fp_checkpoint(fp_checkpoint, corpus)
+    teacher_ckpt = ckpt
+    if exp.retrain.init == "inherited":
+        if prototypes is None:
+            raise ValueError("retrain.init is 'inherited' but no prototype folder was given (--prototypes DIR, "
+                             "made by `mpnas prototypes`)")
+        ckpt = {**ckpt, "model": inherited_state(fp_checkpoint, ckpt, precision, prototypes)}
     model_config = dict(ckpt["config"])
     cfg = exp.retrain
     if cfg.dropout is not None:
@@ -205,11 +248,11 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
         metrics = train(exp, corpus, out_dir, device=device, resume=resume, progress=progress,
                         checkpoint_every=checkpoint_every, stop_after_steps=stop_after_steps, train_cfg=cfg,
                         initial_state=ckpt["model"], make_hooks=make_hooks(cfg, precision, method),
-                        distiller=make_distiller(cfg, ckpt, device))
+                        distiller=make_distiller(cfg, teacher_ckpt, device))
         if metrics.get("stopped_early"):
             return metrics
     if tail:
-        metrics = _ste_tail(exp, corpus, cfg, precision, ckpt, out_dir, metrics, device, resume, progress)
+        metrics = _ste_tail(exp, corpus, cfg, precision, teacher_ckpt, out_dir, metrics, device, resume, progress)
     if not dist_info_from_env().is_main:
         # rank 0 alone finishes the run folder (the process group is gone); sizes need only shapes
         return {**metrics, "method": method, "precision": dict(precision.bits), **model_size(probe, precision)}

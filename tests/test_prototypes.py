@@ -109,3 +109,50 @@ def test_cli_builds_the_config_widths(fp_run: tuple[Path, Path], tmp_path: Path,
     printed = capsys.readouterr().out
     assert "1-bit: valid ppl" in printed and "2-bit: valid ppl" in printed
     assert sorted(json.loads((tmp_path / "p" / INDEX).read_text())["prototypes"]) == ["1", "2"]
+
+
+def test_inherited_init_starts_every_cluster_from_its_prototype(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A mixed map retrained with init: inherited starts each b-bit cluster exactly on the b-bit
+    prototype's weights (on their table: the first projection keeps them), biases from FP."""
+    from nas.retrain import inherited_state
+    from nas.ste import SteHooks
+
+    corpus_dir, fp = fp_run
+    exp, corpus = parse_config(EXP), load_corpus(corpus_dir)
+    build_prototypes(exp, corpus, fp, [2, 4], tmp_path / "p")
+    model = load_model(fp)
+    names = list(find_clusters(model))
+    mixed = PrecisionMap({n: (2 if i % 2 else 4) for i, n in enumerate(names)}, "matrix")
+    ckpt = load_checkpoint(fp)
+    state = inherited_state(fp, ckpt, mixed, tmp_path / "p")
+    protos = prototype_weights(load_prototypes(tmp_path / "p"), model)
+    model.load_state_dict(state)
+    for name, cluster in find_clusters(model).items():
+        view = cluster_weight(model, cluster).detach()
+        assert torch.equal(view, protos[mixed.bits[name]][name]), name
+        projected = SteHooks(model, mixed).q.project(name, view)
+        torch.testing.assert_close(projected, view, rtol=0, atol=1e-7)  # on its table
+    assert torch.equal(state["decoder.bias"], ckpt["model"]["decoder.bias"])
+    inherited = parse_config({**EXP, "retrain": {**EXP["retrain"], "init": "inherited"}})
+    metrics = retrain(inherited, corpus, fp, mixed, tmp_path / "r", progress=False, prototypes=tmp_path / "p")
+    assert metrics["valid_ppl"] > 0
+    with pytest.raises(ValueError, match="no prototype folder was given"):
+        retrain(inherited, corpus, fp, mixed, tmp_path / "r2", progress=False)
+    with pytest.raises(PrototypeError, match=r"no prototype for \[1\]"):
+        inherited_state(fp, ckpt, PrecisionMap.uniform(model, 1), tmp_path / "p")
+
+
+def test_inherited_init_refuses_prototypes_of_another_checkpoint(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from nas.retrain import inherited_state
+
+    corpus_dir, fp = fp_run
+    build_prototypes(parse_config(EXP), load_corpus(corpus_dir), fp, [2], tmp_path / "p")
+    other = tmp_path / "other.pt"
+    other.write_bytes(fp.read_bytes() + b"")  # same content: accepted
+    model = load_model(fp)
+    inherited_state(other, load_checkpoint(other), PrecisionMap.uniform(model, 2), tmp_path / "p")
+    ckpt = load_checkpoint(fp)
+    ckpt["model"] = {k: v + 0.01 for k, v in ckpt["model"].items()}
+    torch.save(ckpt, other)
+    with pytest.raises(PrototypeError, match="made from another FP checkpoint"):
+        inherited_state(other, load_checkpoint(other), PrecisionMap.uniform(model, 2), tmp_path / "p")
