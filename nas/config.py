@@ -160,11 +160,15 @@ class SearchSection:
     fill_budget: bool = True  # export spends the bits the argmax leaves unused (nas/gumbel.py)
     # kl: tokens of the held-out slice (the start of the valid split)
     kl_tokens: int = 10000
-    # hessian: batches of the loss, probe type, stopping rule
+    # hessian: batches of the loss, probe type, stopping rule. hessian_tol is the relative standard
+    # error (std error / |trace|) each cluster's Hutchinson trace must reach before it gets no more
+    # probes; hessian_max_iters caps the Hessian-vector products (meta.hutchinson.capped lists the
+    # clusters it stopped). PTB LSTM reference, one batch: 258 products at 0.05 (README, "Search a
+    # precision map").
     hessian_batches: int = 4
     hessian_probes: str = "rademacher"
-    hessian_max_iters: int = 100
-    hessian_tol: float = 0.01
+    hessian_max_iters: int = 1000
+    hessian_tol: float = 0.05
     hessian_per_weight: bool = False
 
     def __post_init__(self) -> None:

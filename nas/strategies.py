@@ -4,7 +4,9 @@ One small protocol, ``search(model, space, data, settings) -> PrecisionMap``; th
 ``meta`` carries the evidence (scores or probabilities, seed, wall time). The strategies are
 plain instances in the :data:`STRATEGIES` dict (no import-time registry).
 
-- ``uniform``: the largest uniform width (among every cluster's candidates) that fits.
+- ``uniform``: the largest uniform width (among every cluster's candidates) that fits; when the
+  budget's average bits is not that width (e.g. 3.0 over candidates 1, 2, 4, 8) the map's meta
+  says so (``uniform_bits``, ``budget_avg_bits``, ``note``) and a warning is logged.
 - ``random``: seeded random maps; the one using most of the budget among those that fit.
 - ``kl`` / ``hessian``: a score table ``S[c, b]`` (cached on disk, reused across budgets),
   then the exact knapsack allocation of :func:`nas.allocate.allocate`.
@@ -17,6 +19,8 @@ import abc
 import copy
 import hashlib
 import json
+import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -31,10 +35,15 @@ from nas.allocate import allocate
 from nas.config import SearchSection
 from nas.data import stream_batches, window_batches
 from nas.gumbel import GumbelSettings, gumbel_search
-from nas.sensitivity import ScoreTable, hessian_scores, hutchinson_traces, kl_scores, lm_loss_fn
+from nas.sensitivity import ScoreTable, TraceEstimate, hessian_scores, hutchinson_traces, kl_scores, lm_loss_fn
 from search_spaces.atomic import atomic_write_json
 from search_spaces.precision import PrecisionMap
 from search_spaces.space import SearchSpace
+
+logger = logging.getLogger(__name__)
+# Relative slack when comparing the budget's average bits with a width: budgets are floored to
+# whole weight bits (space.py), so 3.0 average bits may come back as 2.9999999.
+_WIDTH_SLACK = 1e-6
 
 
 @dataclass(frozen=True)
@@ -77,21 +86,59 @@ def _finish(space: SearchSpace, bits: dict[str, int], meta: dict[str, Any]) -> P
 
 
 class UniformStrategy:
-    """Every searchable cluster at the same width: the largest that fits the budget."""
+    """Every searchable cluster at the same width: the largest candidate width that fits the budget.
+
+    Rule: over the candidate widths of the searchable clusters, from the largest down, the first
+    ``w`` whose :meth:`SearchSpace.uniform_map` (each cluster at its largest candidate ``<= w``)
+    fits. The map's meta records ``uniform_bits`` (``w``) and ``budget_avg_bits`` (the budget as
+    average bits per searchable weight, the pinned clusters' 32 bits taken out); when the two
+    differ (a budget of 3.0 average bits over candidates 1, 2, 4, 8 gives 2) ``meta.note`` says
+    so and a warning is logged, and clusters whose candidates lack ``w`` are listed in
+    ``meta.off_width``.
+    """
 
     name = "uniform"
 
     def search(self, model: nn.Module, space: SearchSpace, data: SearchData, settings: SearchSection
                ) -> PrecisionMap:
         start = time.perf_counter()
+        searched = sum(space.sizes[n] for n in space.searchable)
+        # the budget as average bits per searched weight (None without a budget: the widest map)
+        budget_bits = _cap(space) / searched if searched and space.budget is not None else None
         widths = sorted({b for n in space.searchable for b in space.candidates[n]}, reverse=True)
         for width in widths:
             candidate = space.uniform_map(width)
             if space.fits_budget(candidate):
-                meta = {"strategy": self.name, "seed": settings.seed, "uniform_bits": width,
-                        "wall_s": time.perf_counter() - start}
+                meta: dict[str, Any] = {"strategy": self.name, "seed": settings.seed, "uniform_bits": width,
+                                        "budget_avg_bits": None if budget_bits is None else round(budget_bits, 6)}
+                if budget_bits is not None and abs(budget_bits - width) > _WIDTH_SLACK * max(1.0, width):
+                    meta["note"] = _uniform_note(space, budget_bits, width, widths)
+                    logger.warning("uniform: %s", meta["note"])
+                off = sorted(n for n in space.searchable if candidate.bits[n] != width)
+                if off:
+                    meta["off_width"] = {n: candidate.bits[n] for n in off}
+                meta["wall_s"] = time.perf_counter() - start
                 return _finish(space, dict(candidate.bits), meta)
         raise ValueError(f"{space.source}: no uniform width fits the budget")
+
+
+def _uniform_note(space: SearchSpace, budget_bits: float, width: int, widths: list[int]) -> str:
+    """Why the uniform map's width differs from the budget's average bits (``meta.note``)."""
+    budget = space.budget
+    text = f"budget {budget.kind}={budget.value:g}" if budget is not None else "the budget"
+    text += f" allows {budget_bits:.4g} average bits per searched weight"
+    if space.pinned_params:
+        text += " (the clusters kept at 32 bits take the rest)"
+    above = [b for b in widths if width < b <= budget_bits * (1 + _WIDTH_SLACK)]
+    if width > budget_bits:  # overrides: clusters without `width` among their candidates take fewer bits
+        why = f"the clusters in off_width take fewer bits, which leaves room for {width} elsewhere"
+    elif above:  # a wider width is within the average but its map is not (overrides, byte budgets' scales)
+        why = f"the uniform map at {min(above)} bits does not fit"
+    elif abs(budget_bits - round(budget_bits)) <= _WIDTH_SLACK * max(1.0, budget_bits):
+        why = f"{round(budget_bits)} is not a candidate"
+    else:
+        why = "no uniform width matches it"
+    return f"{text}; {why}; used {width}, the largest candidate width that fits (candidates {sorted(widths)})"
 
 
 class RandomStrategy:
@@ -138,8 +185,9 @@ class ScoreTableStrategy(abc.ABC):
 
     @abc.abstractmethod
     def scores(self, model: nn.Module, space: SearchSpace, data: SearchData, settings: SearchSection
-               ) -> ScoreTable:
-        """The score table ``{cluster: {bits: score}}`` of the searchable clusters."""
+               ) -> tuple[ScoreTable, dict[str, Any]]:
+        """The score table ``{cluster: {bits: score}}`` of the searchable clusters, and the evidence
+        (JSON-ready) that the map's meta keeps beside it (cached with the table)."""
 
     def settings_key(self, settings: SearchSection) -> dict[str, Any]:
         return {"seed": settings.seed}
@@ -147,25 +195,26 @@ class ScoreTableStrategy(abc.ABC):
     def search(self, model: nn.Module, space: SearchSpace, data: SearchData, settings: SearchSection
                ) -> PrecisionMap:
         start = time.perf_counter()
-        table, cached = None, False
+        table, cached, evidence = None, False, {}
         key = _fingerprint(model, space, {"strategy": self.name, **self.settings_key(settings)})
         cache = data.cache_dir / f"scores_{self.name}_{key}.json" if data.cache_dir else None
         if cache is not None and cache.is_file():
             stored = json.loads(cache.read_text())
             table = {c: {int(b): float(s) for b, s in row.items()} for c, row in stored["scores"].items()}
-            score_seconds, cached = float(stored["seconds"]), True
+            score_seconds, cached, evidence = float(stored["seconds"]), True, dict(stored.get("evidence", {}))
         if table is None:
             t0 = time.perf_counter()
-            table = self.scores(model, space, data, settings)
+            table, evidence = self.scores(model, space, data, settings)
             score_seconds = time.perf_counter() - t0
             if cache is not None:
                 rows = {c: {str(b): s for b, s in row.items()} for c, row in table.items()}
-                atomic_write_json(cache, {"strategy": self.name, "key": key, "seconds": score_seconds, "scores": rows})
+                atomic_write_json(cache, {"strategy": self.name, "key": key, "seconds": score_seconds, "scores": rows,
+                                          "evidence": evidence})
         searchable = {n: table[n] for n in space.searchable}
         bits = allocate(searchable, space.sizes, _cap(space))
         meta = {"strategy": self.name, "seed": settings.seed, "scores_cached": cached,
                 "score_seconds": score_seconds, "wall_s": time.perf_counter() - start,
-                "scores": {c: {str(b): s for b, s in row.items()} for c, row in searchable.items()}}
+                "scores": {c: {str(b): s for b, s in row.items()} for c, row in searchable.items()}, **evidence}
         return _finish(space, bits, meta)
 
 
@@ -178,26 +227,35 @@ class KLStrategy(ScoreTableStrategy):
         return {"kl_tokens": settings.kl_tokens}
 
     def scores(self, model: nn.Module, space: SearchSpace, data: SearchData, settings: SearchSection
-               ) -> ScoreTable:
+               ) -> tuple[ScoreTable, dict[str, Any]]:
         tokens = data.valid[: settings.kl_tokens]
         context = getattr(getattr(model, "config", None), "context", None)
         return kl_scores(model, {n: space.candidates[n] for n in space.searchable}, tokens,
                          batch_size=data.batch_size, bptt=data.length,
                          context=None if hasattr(model, "init_state") else context,
-                         granularity=space.granularity, device=data.device)
+                         granularity=space.granularity, device=data.device), {}
 
 
 class HessianStrategy(ScoreTableStrategy):
-    """``|Tr(H_c)| * ||Q_b(W_c) - W_c||^2`` with Hutchinson traces on a few training batches."""
+    """``|Tr(H_c)| * ||Q_b(W_c) - W_c||^2`` with Hutchinson traces on a few training batches.
+
+    Each cluster's trace is probed until its relative standard error is at most ``hessian_tol``
+    (or ``hessian_max_iters`` products have run); the map's ``meta.hutchinson`` records the
+    products run, the clusters that hit the cap, and per cluster the trace, its standard error,
+    the relative standard error and the probes it received (:func:`trace_evidence`).
+    """
 
     name = "hessian"
+    # Part of the cache key and the pipeline's stage inputs: tables made under the earlier
+    # stopping rule (relative change of the running mean, same `hessian_tol` key) are not reused.
+    STOP_RULE = "relative_std_error"
 
     def settings_key(self, settings: SearchSection) -> dict[str, Any]:
         keys = ("seed", "hessian_batches", "hessian_probes", "hessian_max_iters", "hessian_tol", "hessian_per_weight")
-        return {k: getattr(settings, k) for k in keys}
+        return {**{k: getattr(settings, k) for k in keys}, "hessian_stop": self.STOP_RULE}
 
     def scores(self, model: nn.Module, space: SearchSpace, data: SearchData, settings: SearchSection
-               ) -> ScoreTable:
+               ) -> tuple[ScoreTable, dict[str, Any]]:
         generator = torch.Generator().manual_seed(settings.seed)
         if hasattr(model, "init_state"):
             rows = stream_batches(data.train, data.batch_size, data.length)
@@ -209,8 +267,32 @@ class HessianStrategy(ScoreTableStrategy):
         model.eval()  # no dropout: the loss must be one fixed function of the weights
         traces = hutchinson_traces(model, names, lm_loss_fn(batches), probes=settings.hessian_probes,
                                    max_iters=settings.hessian_max_iters, tol=settings.hessian_tol, seed=settings.seed)
-        return hessian_scores(model, traces, {n: space.candidates[n] for n in names}, granularity=space.granularity,
-                              per_weight=settings.hessian_per_weight)
+        table = hessian_scores(model, traces, {n: space.candidates[n] for n in names}, granularity=space.granularity,
+                               per_weight=settings.hessian_per_weight)
+        return table, {"hutchinson": trace_evidence(traces, settings)}
+
+
+def _finite(value: float) -> float | None:
+    """JSON and YAML-safe: None for inf/nan (a single probe's standard error)."""
+    return float(value) if math.isfinite(value) else None
+
+
+def trace_evidence(traces: dict[str, TraceEstimate], settings: SearchSection) -> dict[str, Any]:
+    """What ``meta.hutchinson`` records of a :func:`hutchinson_traces` result.
+
+    ``products``: Hessian-vector products run (the most probes any cluster received);
+    ``capped``: the clusters that ``max_probes`` stopped above ``tol`` (empty when all met it);
+    per cluster: ``traces``, ``std_errors``, ``rel_errors`` (std_error / |trace|, what ``tol``
+    bounds) and ``probes`` (those it received before it met ``tol`` and was left out).
+    """
+    return {"rule": "per cluster: std_error / |trace| <= tol, then no more probes",
+            "tol": settings.hessian_tol, "max_probes": settings.hessian_max_iters,
+            "products": max(e.iters for e in traces.values()),
+            "capped": [n for n, e in traces.items() if e.capped],
+            "traces": {n: e.trace for n, e in traces.items()},
+            "std_errors": {n: _finite(e.std_error) for n, e in traces.items()},
+            "rel_errors": {n: _finite(e.rel_error) for n, e in traces.items()},
+            "probes": {n: e.iters for n, e in traces.items()}}
 
 
 class GumbelStrategy:

@@ -3,7 +3,8 @@
 Example::
 
     space:
-      bits: [1, 2, 4, 8]          # default candidates for every cluster (this is the default)
+      bits: [1, 2, 3, 4, 8]       # default candidates for every cluster (this is the default);
+                                  # any of 1-6, 8, 16 and 32 (full precision) may be listed
       granularity: matrix         # matrix | row: one alpha per cluster or per row; bits are per cluster
       min_bits: 1                 # floor applied to every cluster's candidates, overrides included
       keep_fp: [pos_embedding]    # names or glob patterns kept at 32 bits
@@ -60,7 +61,9 @@ from torch import nn
 from search_spaces.precision import LEFTOVER_BITS, PrecisionMap, find_clusters
 from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
 
-DEFAULT_BITS = (1, 2, 4, 8)
+# 3 is a default candidate: without it a budget of 3 average bits gets a map built from 2 and 4
+# bits (or uniform 2 bits), far worse than uniform 3 bits (issue 13, item 6).
+DEFAULT_BITS = (1, 2, 3, 4, 8)
 BUDGET_KINDS = ("avg_bits", "size_mb", "compression")
 BYTES_PER_MB = 1_000_000
 _SPACE_KEYS = ("bits", "granularity", "min_bits", "keep_fp", "leftover_bits", "overrides")

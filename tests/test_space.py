@@ -93,7 +93,7 @@ def test_keep_fp_beats_overrides_and_min_bits_floors_everything(tfm) -> None:
     assert space.candidates["pos_embedding"] == (32,)
     assert space.candidates["blocks.1.attn.q"] == (32,)
     assert space.candidates["blocks.0.attn.q"] == (2, 4)  # override, 1 dropped by min_bits
-    assert space.candidates["embedding"] == (2, 4, 8)  # default, 1 dropped by min_bits
+    assert space.candidates["embedding"] == (2, 3, 4, 8)  # default, 1 dropped by min_bits
     assert "pos_embedding" not in space.searchable and "pos_embedding" not in space.to_nni()
 
 
@@ -117,7 +117,7 @@ ERRORS = [  # (space, budget, key, fragment)
     ({"bits": "1,2"}, None, "space.bits", "non-empty list"),
     ({"min_bits": 4, **_override("layers.*", [1, 2])}, None, "space.min_bits",
      "leaves no candidate for cluster 'layers.0.input_gate.ih' (space.overrides[0].bits = [1, 2])"),
-    ({"min_bits": 16}, None, "space.min_bits", "(space.bits = [1, 2, 4, 8])"),
+    ({"min_bits": 16}, None, "space.min_bits", "(space.bits = [1, 2, 3, 4, 8])"),
     ({"min_bits": 1.5}, None, "space.min_bits", "expected an int"),
     ({"min_bits": 0}, None, "space.min_bits", "expected an int"),
     ({"granularity": "layer"}, None, "space.granularity", "'layer' is not one of"),
@@ -255,7 +255,7 @@ def test_contains_and_maps(lstm) -> None:
     uni = space.uniform_map(2).bits
     assert uni["embedding"] == 2 and uni["layers.0.forget_gate.ih"] == 4 and uni["decoder"] == 32
     assert space.uniform_map(6).bits["embedding"] == 4
-    bad = dict(small, embedding=3)
+    bad = dict(small, embedding=5)  # not a default candidate (3 is)
     assert not space.contains(PrecisionMap(bad))
     assert not space.contains(PrecisionMap({k: v for k, v in small.items() if k != "embedding"}))
     assert not space.contains(PrecisionMap(dict(small), "row"))
@@ -297,7 +297,7 @@ def test_describe(lstm) -> None:
     text = space.describe(lstm)
     lo, hi = (model_size(lstm, m) for m in (space.smallest_map(), space.largest_map()))
     assert text.startswith("exp.yaml: 18 clusters (17 with a choice, 1 kept at 32 bits), granularity matrix")
-    assert "layers.1.output_gate.hh" in text and "decoder" in text and "1 2 4 8" in text
+    assert "layers.1.output_gate.hh" in text and "decoder" in text and "1 2 3 4 8" in text
     assert f"{lo['theoretical_bytes'] / 1e6:.6f}" in text and f"{hi['theoretical_bytes'] / 1e6:.6f}" in text
     assert f"{lo['compression']:.2f}" in text and f"{hi['avg_bits']:.3f}" in text
     assert "budget: avg_bits 12 -> at most" in text

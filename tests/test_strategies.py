@@ -12,7 +12,7 @@ from nas.data import load_corpus
 from nas.strategies import STRATEGIES, SearchData, get_strategy
 from nas.train import train
 from search_spaces.models import build_model
-from search_spaces.precision import find_clusters
+from search_spaces.precision import PrecisionMap, find_clusters
 from search_spaces.space import SearchSpace
 from tests.synthetic import write_synthetic_corpus
 
@@ -90,3 +90,30 @@ def test_sensitive_cluster_gets_more_bits(name: str, trained: tuple, tmp_path: P
     settings = SearchSection(epochs=6.0, kl_tokens=300, hessian_batches=2, hessian_max_iters=50, hessian_tol=0.02)
     result = get_strategy(name).search(model, space, _data(corpus, tmp_path), settings)
     assert (result.bits[sensitive], result.bits[insensitive]) == (8, 1)
+
+
+def test_hessian_meta_records_the_per_cluster_stop(trained: tuple, tmp_path: Path) -> None:
+    """meta.hutchinson: products run, the clusters the cap stopped, and per cluster the trace, its
+    standard error, the relative standard error (<= tol unless capped) and the probes it got;
+    kept with the cached score table and through the map's YAML."""
+    model, corpus = trained
+    space = SearchSpace.from_config({"bits": [1, 2, 4, 8]}, {"avg_bits": 2.0}, model)
+    settings = SearchSection(hessian_batches=1, hessian_max_iters=150, hessian_tol=0.2)
+    found = get_strategy("hessian").search(model, space, _data(corpus, tmp_path), settings)
+    h = found.meta["hutchinson"]
+    names = set(space.searchable)
+    assert h["tol"] == 0.2 and h["max_probes"] == 150
+    assert set(h["traces"]) == set(h["std_errors"]) == set(h["rel_errors"]) == set(h["probes"]) == names
+    assert h["products"] == max(h["probes"].values()) <= 150
+    assert set(h["capped"]) < names  # some clusters met tol (the forget gates' traces are ~0 here)
+    for name in names:
+        rel, se, trace = h["rel_errors"][name], h["std_errors"][name], h["traces"][name]
+        assert rel == pytest.approx(se / abs(trace))
+        if name in h["capped"]:
+            assert h["probes"][name] == 150 and rel > 0.2
+        else:
+            assert 30 <= h["probes"][name] < 150 and rel <= 0.2
+    again = get_strategy("hessian").search(model, space, _data(corpus, tmp_path), settings)
+    assert again.meta["scores_cached"] is True and again.meta["hutchinson"] == h
+    found.save(tmp_path / "map.yaml")
+    assert PrecisionMap.load(tmp_path / "map.yaml").meta["hutchinson"] == h
