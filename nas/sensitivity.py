@@ -9,6 +9,11 @@ exact budgeted allocator consumes: it picks one bit width per cluster minimizing
   ||Q_b(W_c) - W_c||^2`` per cluster (optionally divided by the cluster size: the "average
   trace" of HAWQ-V2/V3), with the traces estimated by Hutchinson's method.
 
+Both take optional ``replacements`` ``{bits: {cluster: weight}}``, the prototype mode of the
+papers (issue 13, item 2): the b-bit weight of a cluster is then its weight in the b-bit
+uniform *retrained* prototype (:mod:`nas.prototypes`), not the post-training quantization
+``Q_b(W_c)`` of the FP weight, so a cluster is rated by the damage retraining did not repair.
+
 Hutchinson follows PyHessian's ``hessian.trace()`` (amirgholami/PyHessian, pyhessian/hessian.py)
 for the products: the gradient is taken once with ``create_graph=True`` and reused; each
 iteration draws a Rademacher probe ``v``, computes ``Hv = grad(g . v)`` and adds ``v . Hv``.
@@ -45,6 +50,7 @@ from torch import nn
 from search_spaces.precision import Cluster, cluster_parameter, cluster_weight, find_clusters
 from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS, quantization_error, quantize
 
+Replacements = Mapping[int, Mapping[str, torch.Tensor]]  # {bits: {cluster: weight}}: prototype weights
 ScoreTable = dict[str, dict[int, float]]  # cluster -> bits -> score (lower is better)
 PROBES = ("rademacher", "gaussian")
 
@@ -85,6 +91,17 @@ def _check_candidates(model: nn.Module, candidates: Mapping[str, Sequence[int]])
             raise ValueError(f"candidates[{name!r}] has unsupported bit widths {bad}; expected {SUPPORTED_BITS}")
         checked[name] = tuple(sorted({int(b) for b in bits}))
     return checked
+
+
+def _replacement(replacements: Replacements, name: str, bits: int, like: torch.Tensor) -> torch.Tensor:
+    """The prototype weight of cluster ``name`` at ``bits``, checked against the live weight's shape."""
+    if bits not in replacements:
+        raise ValueError(f"no {bits}-bit prototype for cluster {name!r}: prototypes exist for "
+                         f"{sorted(replacements)} bits (build the missing width with `mpnas prototypes --bits {bits}`)")
+    weight = replacements[bits].get(name)
+    if weight is None or tuple(weight.shape) != tuple(like.shape):
+        raise ValueError(f"the {bits}-bit prototype has no cluster {name!r} of shape {tuple(like.shape)}")
+    return weight.to(like.device, like.dtype)
 
 
 def _check_granularity(granularity: str) -> None:
@@ -181,7 +198,7 @@ def _summed_kl(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def kl_scores(model: nn.Module, candidates: Mapping[str, Sequence[int]], tokens: torch.Tensor, *,
               batch_size: int = 10, bptt: int = 35, context: int | None = None, granularity: str = "matrix",
-              device: torch.device | str | None = None) -> ScoreTable:
+              device: torch.device | str | None = None, replacements: Replacements | None = None) -> ScoreTable:
     """Mean token ``KL(P_fp || P_q)`` with one cluster quantized at a time: ``{cluster: {bits: kl}}``.
 
     ``tokens`` is a 1-D held-out id stream. The full-precision logits are computed once and kept
@@ -193,7 +210,8 @@ def kl_scores(model: nn.Module, candidates: Mapping[str, Sequence[int]], tokens:
     ``bptt``-long chunks of ``batch_size`` rows; window models use non-overlapping windows of
     ``context`` tokens (default ``model.config.context``), ``batch_size`` windows per forward.
     The model runs in eval mode (no dropout) on ``device`` (default: its parameters' device) and
-    is left exactly as it was.
+    is left exactly as it was. With ``replacements`` the b-bit weights are the prototypes'
+    (module docstring) instead of ``Q_b`` of the FP weight.
     """
     table_bits = _check_candidates(model, candidates)
     clusters = _resolve(model, table_bits)
@@ -221,7 +239,8 @@ def kl_scores(model: nn.Module, candidates: Mapping[str, Sequence[int]], tokens:
                     if bits == FULL_PRECISION:
                         row[bits] = 0.0  # the model is unchanged: KL is exactly 0
                         continue
-                    view.copy_(quantize(original, bits, granularity).weight)
+                    view.copy_(quantize(original, bits, granularity).weight if replacements is None
+                               else _replacement(replacements, name, bits, original))
                     total = torch.zeros((), dtype=torch.float64, device=device)
                     for ref, logits in zip(reference, _logits(model, chunks, recurrent), strict=True):
                         total += _summed_kl(ref, logits)
@@ -404,14 +423,15 @@ def _std_error(squares: float, count: int) -> float:
 @torch.no_grad()
 def hessian_scores(model: nn.Module, traces: Mapping[str, TraceEstimate | float],
                    candidates: Mapping[str, Sequence[int]], *, granularity: str = "matrix",
-                   per_weight: bool = False) -> ScoreTable:
+                   per_weight: bool = False, replacements: Replacements | None = None) -> ScoreTable:
     """``|Tr(H_c)| * ||Q_b(W_c) - W_c||^2`` per cluster and candidate width (0 at 32 bits).
 
     ``traces`` maps each candidate cluster to a :class:`TraceEstimate` (or a plain float).
     ``per_weight=True`` divides by the cluster size: the average trace of HAWQ-V2/V3, which
     compares clusters of different sizes by curvature per weight. |trace| because away from a
     minimum (or with few probes) the estimate can be negative, and a negative score would make
-    the allocator prefer more error.
+    the allocator prefer more error. With ``replacements`` the perturbation is the prototype's:
+    ``||W_proto_b,c - W_c||^2``.
     """
     table_bits = _check_candidates(model, candidates)
     clusters = _resolve(model, table_bits)
@@ -427,8 +447,10 @@ def hessian_scores(model: nn.Module, traces: Mapping[str, TraceEstimate | float]
             raise ValueError(f"trace of cluster {name!r} is {trace}; expected a finite number")
         weight = cluster_weight(model, cluster).detach()
         scale = abs(trace) / (cluster.numel if per_weight else 1)
-        table[name] = {b: 0.0 if b == FULL_PRECISION else scale * quantization_error(weight, b, granularity)
-                       for b in table_bits[name]}
+        table[name] = {b: 0.0 if b == FULL_PRECISION else scale * (
+            quantization_error(weight, b, granularity) if replacements is None
+            else float((_replacement(replacements, name, b, weight).double() - weight.double()).square().sum()))
+            for b in table_bits[name]}
     return table
 
 

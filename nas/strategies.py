@@ -35,7 +35,15 @@ from nas.allocate import allocate
 from nas.config import SearchSection
 from nas.data import stream_batches, window_batches
 from nas.gumbel import GumbelSettings, gumbel_search
-from nas.sensitivity import ScoreTable, TraceEstimate, hessian_scores, hutchinson_traces, kl_scores, lm_loss_fn
+from nas.sensitivity import (
+    Replacements,
+    ScoreTable,
+    TraceEstimate,
+    hessian_scores,
+    hutchinson_traces,
+    kl_scores,
+    lm_loss_fn,
+)
 from search_spaces.atomic import atomic_write_json
 from search_spaces.precision import PrecisionMap
 from search_spaces.space import SearchSpace
@@ -56,6 +64,9 @@ class SearchData:
     length: int = 20  # BPTT steps (LSTM) or context (Transformer)
     device: str = "cpu"
     cache_dir: Path | None = None  # where score tables are kept between budgets
+    # {bits: {cluster: weight}} of uniform retrained prototypes (nas.prototypes.prototype_weights):
+    # when given, kl and hessian rate each width by the prototype's weights, not by Q_b(W) (issue 13)
+    prototypes: Replacements | None = None
 
 
 class Strategy(Protocol):
@@ -167,12 +178,17 @@ class RandomStrategy:
         return _finish(space, best, meta)
 
 
-def _fingerprint(model: nn.Module, space: SearchSpace, extra: dict[str, Any]) -> str:
-    """Hash of the weights, the candidates and the settings: the key of a cached score table."""
+def _fingerprint(model: nn.Module, space: SearchSpace, extra: dict[str, Any],
+                 prototypes: Replacements | None = None) -> str:
+    """Hash of the weights (and prototypes), the candidates and the settings: a cached score table's key."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for bits in sorted(prototypes or {}):
+        for name in sorted(prototypes[bits]):
+            digest.update(f"prototype:{bits}:{name}".encode())
+            digest.update(prototypes[bits][name].detach().cpu().contiguous().numpy().tobytes())
     digest.update(json.dumps({"candidates": {k: list(v) for k, v in space.candidates.items()},
                               "granularity": space.granularity, **extra}, sort_keys=True).encode())
     return digest.hexdigest()[:16]
@@ -196,7 +212,7 @@ class ScoreTableStrategy(abc.ABC):
                ) -> PrecisionMap:
         start = time.perf_counter()
         table, cached, evidence = None, False, {}
-        key = _fingerprint(model, space, {"strategy": self.name, **self.settings_key(settings)})
+        key = _fingerprint(model, space, {"strategy": self.name, **self.settings_key(settings)}, data.prototypes)
         cache = data.cache_dir / f"scores_{self.name}_{key}.json" if data.cache_dir else None
         if cache is not None and cache.is_file():
             stored = json.loads(cache.read_text())
@@ -213,6 +229,7 @@ class ScoreTableStrategy(abc.ABC):
         searchable = {n: table[n] for n in space.searchable}
         bits = allocate(searchable, space.sizes, _cap(space))
         meta = {"strategy": self.name, "seed": settings.seed, "scores_cached": cached,
+                "sensitivity": "fp" if data.prototypes is None else "prototype",
                 "score_seconds": score_seconds, "wall_s": time.perf_counter() - start,
                 "scores": {c: {str(b): s for b, s in row.items()} for c, row in searchable.items()}, **evidence}
         return _finish(space, bits, meta)
@@ -233,7 +250,7 @@ class KLStrategy(ScoreTableStrategy):
         return kl_scores(model, {n: space.candidates[n] for n in space.searchable}, tokens,
                          batch_size=data.batch_size, bptt=data.length,
                          context=None if hasattr(model, "init_state") else context,
-                         granularity=space.granularity, device=data.device), {}
+                         granularity=space.granularity, device=data.device, replacements=data.prototypes), {}
 
 
 class HessianStrategy(ScoreTableStrategy):
@@ -268,7 +285,7 @@ class HessianStrategy(ScoreTableStrategy):
         traces = hutchinson_traces(model, names, lm_loss_fn(batches), probes=settings.hessian_probes,
                                    max_iters=settings.hessian_max_iters, tol=settings.hessian_tol, seed=settings.seed)
         table = hessian_scores(model, traces, {n: space.candidates[n] for n in names}, granularity=space.granularity,
-                               per_weight=settings.hessian_per_weight)
+                               per_weight=settings.hessian_per_weight, replacements=data.prototypes)
         return table, {"hutchinson": trace_evidence(traces, settings)}
 
 

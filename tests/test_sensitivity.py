@@ -472,3 +472,67 @@ def test_summed_kl_matches_float64_log_softmax(noise: float, shift: float) -> No
     expected = _manual_kl(reference, logits) * 21  # the mean over 21 tokens -> the sum
     assert float(_summed_kl(reference, logits)) == pytest.approx(expected, rel=2e-5, abs=1e-12)
     assert float(_summed_kl(reference, reference + shift)) == pytest.approx(0.0, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- prototype mode (issue 13)
+
+def _prototypes(model: nn.Module, widths: list[int], seed: int = 0) -> dict[int, dict[str, torch.Tensor]]:
+    """Stand-in prototypes: each cluster's FP weight plus noise that shrinks with the width."""
+    generator = torch.Generator().manual_seed(seed)
+    return {b: {name: cluster_weight(model, c).detach() + torch.randn(c.shape, generator=generator) / 2**b
+                for name, c in find_clusters(model).items()} for b in widths}
+
+
+@torch.no_grad()
+def test_prototype_kl_equals_brute_force() -> None:
+    """The b-bit KL of a cluster is KL(P_fp || P with that cluster set to the b-bit prototype's weights)."""
+    model = _tiny_lstm(1.0).eval()
+    tokens = torch.randint(0, VOCAB, (23,), generator=torch.Generator().manual_seed(0))
+    rows = tokens[:22].view(2, 11)
+    protos = _prototypes(model, [1, 2])
+    name = "layers.0.cell_gate.hh"
+    table = kl_scores(model, {name: [1, 2, 32], "decoder": [2]}, tokens, batch_size=2, bptt=3, replacements=protos)
+    for bits in (1, 2):
+        swapped = copy.deepcopy(model)
+        cluster_weight(swapped, find_clusters(swapped)[name]).copy_(protos[bits][name])
+        assert table[name][bits] == pytest.approx(_manual_kl(model(rows).logits, swapped(rows).logits), rel=1e-4)
+    assert table[name][32] == 0.0
+
+
+def test_prototype_mode_with_ptq_weights_is_the_fp_mode() -> None:
+    """Prototypes that are exactly Q_b(W) give the FP-mode tables, KL and Hessian alike."""
+    model = _tiny_lstm(1.0).eval()
+    names = list(find_clusters(model))
+    ptq = {b: {n: quantize(cluster_weight(model, c).detach(), b).weight for n, c in find_clusters(model).items()}
+           for b in (1, 2, 4)}
+    tokens = torch.randint(0, VOCAB, (40,), generator=torch.Generator().manual_seed(1))
+    candidates = dict.fromkeys(names, [1, 2, 4, 32])
+    proto_kl = kl_scores(model, candidates, tokens, batch_size=2, bptt=5, replacements=ptq)
+    fp_kl = kl_scores(model, candidates, tokens, batch_size=2, bptt=5)
+    for n in names:
+        assert proto_kl[n] == pytest.approx(fp_kl[n], rel=1e-5, abs=1e-12), n
+    traces = {n: 0.5 + i for i, n in enumerate(names)}
+    fp_mode = hessian_scores(model, traces, candidates)
+    proto_mode = hessian_scores(model, traces, candidates, replacements=ptq)
+    for n in names:
+        assert proto_mode[n] == pytest.approx(fp_mode[n], rel=1e-5), n
+
+
+def test_prototype_hessian_is_trace_times_squared_distance() -> None:
+    model = _tiny_lstm(1.0)
+    protos = _prototypes(model, [2])
+    names = list(find_clusters(model))
+    traces = {n: -0.5 - i for i, n in enumerate(names)}  # |trace| is used
+    table = hessian_scores(model, traces, dict.fromkeys(names, [2, 32]), replacements=protos, per_weight=True)
+    for i, (name, cluster) in enumerate(find_clusters(model).items()):
+        diff = protos[2][name].double() - cluster_weight(model, cluster).detach().double()
+        assert table[name][2] == pytest.approx((0.5 + i) / cluster.numel * float(diff.square().sum()), rel=1e-9)
+        assert table[name][32] == 0.0
+
+
+def test_missing_prototype_width_is_named() -> None:
+    model = _tiny_lstm(1.0)
+    names = list(find_clusters(model))
+    with pytest.raises(ValueError, match=r"no 4-bit prototype for cluster .*prototypes exist for \[2\] bits"):
+        hessian_scores(model, dict.fromkeys(names, 1.0), dict.fromkeys(names, [2, 4]),
+                       replacements=_prototypes(model, [2]))
