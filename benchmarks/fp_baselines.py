@@ -21,6 +21,7 @@ import torch
 
 from nas.checkpoint import atomic_write_text
 from nas.config import load_config
+from nas.console import configure_logging
 from nas.data import load_corpus, resolve_data_dir
 from nas.train import train
 
@@ -43,6 +44,7 @@ def write_row(csv_path: Path, row: dict[str, object]) -> None:
 
 
 def main() -> None:
+    configure_logging()  # the library logs its progress (epoch lines, pipeline stages)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--data", help="PTB folder (default $MPNAS_DATA)")

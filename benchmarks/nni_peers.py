@@ -232,7 +232,7 @@ def nni_quantize_train(model: nn.Module, method: str, bits: int, exp: Experiment
                               max_steps_per_epoch=max_steps_per_epoch or exp.retrain.max_steps_per_epoch)
     dev = torch.device(device)
     info, recurrent = DistInfo(), hasattr(model, "init_state")
-    steps_per_epoch = len(epoch_batches(exp, corpus, 0, info, recurrent))
+    steps_per_epoch = len(epoch_batches(exp, corpus, 0, info, recurrent, cfg.seed))
     steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch or steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
     probe = corpus.split("valid")[:16].view(1, -1).to(dev)  # short enough for any Transformer context
@@ -247,7 +247,7 @@ def nni_quantize_train(model: nn.Module, method: str, bits: int, exp: Experiment
         for epoch in range(cfg.epochs):
             net.train()
             state, losses = None, []
-            for batch in epoch_batches(exp, corpus, epoch, info, recurrent)[:steps_per_epoch]:
+            for batch in epoch_batches(exp, corpus, epoch, info, recurrent, cfg.seed)[:steps_per_epoch]:
                 t0 = time.perf_counter()
                 loss, state = _step(net, optimizer, training_step, tuple(t.to(dev) for t in batch), state, cfg,
                                     learning_rate(cfg, epoch, global_step, total_steps))

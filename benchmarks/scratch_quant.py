@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from nas.config import load_config
+from nas.console import configure_logging
 from nas.data import load_corpus, resolve_data_dir
 from nas.retrain import make_hooks
 from nas.train import train
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
+    configure_logging()  # the library's progress lines (epochs) on stdout
     if args.threads:
         torch.set_num_threads(args.threads)
     exp = load_config(args.config)

@@ -26,6 +26,7 @@ import torch
 from search_sweep import CONFIGS, fp_epoch_seconds  # benchmarks/ is on sys.path when this script runs
 
 from nas.config import load_config
+from nas.console import configure_logging
 from nas.data import load_corpus, resolve_data_dir
 from nas.retrain import load_fp_checkpoint
 from nas.stages import Point, search_point
@@ -45,6 +46,7 @@ def write_rows(path: Path, model: str, rows: list[dict[str, object]]) -> None:
 
 
 def main() -> None:
+    configure_logging()  # the library logs its progress (epoch lines, pipeline stages)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--checkpoint", type=Path, help="FP checkpoint (default: the committed reference)")

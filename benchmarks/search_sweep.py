@@ -34,6 +34,7 @@ import torch
 from step_time import time_hooks  # benchmarks/ is on sys.path when this script runs
 
 from nas.config import load_config
+from nas.console import configure_logging
 from nas.data import load_corpus, resolve_data_dir
 from nas.distributed import DistInfo
 from nas.pipeline import read_rows, run_pipeline
@@ -82,6 +83,7 @@ def write_csv(path: Path, model: str, rows: list[dict], fp_epoch_s: float) -> No
 
 
 def main() -> None:
+    configure_logging()  # the library logs its progress (epoch lines, pipeline stages)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--checkpoint", type=Path, help="FP checkpoint (default: the committed reference)")

@@ -36,6 +36,7 @@ from step_time import time_hooks  # benchmarks/ is on sys.path when this script 
 
 from nas.checkpoint import atomic_write_text
 from nas.config import load_config
+from nas.console import configure_logging
 from nas.data import load_corpus, resolve_data_dir
 from nas.distributed import DistInfo
 from nas.retrain import load_fp_checkpoint, make_hooks, retrain
@@ -154,6 +155,7 @@ def main() -> None:
     parser.add_argument("--data")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
+    configure_logging()  # the library's progress lines (epochs) on stdout
     if args.threads:
         torch.set_num_threads(args.threads)
     args.config = args.config or CONFIGS[args.model]

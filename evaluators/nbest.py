@@ -40,10 +40,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from nas.errors import MpnasError
+
 WSJ_DEV93_COUNT = 503  # test_wsj_score.json: 836 = 503 (dev93) + 333 (eval92), if in that order
 
 
-class NBestError(ValueError):
+class NBestError(MpnasError):
     """Malformed n-best input; the message names the file and the line or record."""
 
     def __init__(self, path: str | Path, where: str, what: str) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluators.pareto import pareto_front
+from nas.errors import MpnasError
 from search_spaces.atomic import atomic_write_bytes, atomic_write_text
 from search_spaces.precision import PrecisionMap
 
@@ -71,6 +72,10 @@ def _check_value(value: Any, kind: str, nullable: bool) -> bool:
     return isinstance(value, numbers.Real)
 
 
+class ReportError(MpnasError):
+    """A run folder's eval rows cannot be reported; the message names the file and key."""
+
+
 def parse_row(data: Any, source: str) -> dict[str, Any]:
     """Validate one eval JSON object; ValueError names ``source``, the key and what was expected.
 
@@ -78,23 +83,23 @@ def parse_row(data: Any, source: str) -> dict[str, Any]:
     unknown keys are dropped.
     """
     if not isinstance(data, Mapping):
-        raise ValueError(f"{source}: expected a JSON object (one evaluated model), got {type(data).__name__}")
+        raise ReportError(f"{source}: expected a JSON object (one evaluated model), got {type(data).__name__}")
     row: dict[str, Any] = {}
     for key, (kind, nullable) in ROW_SCHEMA.items():
         expected = _KIND_TEXT[kind] + (" or null" if nullable else "")
         if key not in data:
-            raise ValueError(f"{source}: missing key {key!r} (expected {expected})")
+            raise ReportError(f"{source}: missing key {key!r} (expected {expected})")
         value = data[key]
         if not _check_value(value, kind, nullable):
-            raise ValueError(f"{source}: key {key!r} must be {expected}, got {value!r}")
+            raise ReportError(f"{source}: key {key!r} must be {expected}, got {value!r}")
         if value is not None and kind != "str":
             value = int(value) if kind == "int" else float(value)
         row[key] = value
     if "precision" in data:
         precision = data["precision"]
         if precision is not None and (not isinstance(precision, str) or not precision):
-            raise ValueError(f"{source}: key 'precision' must be a path relative to the run folder "
-                             f"or null, got {precision!r}")
+            raise ReportError(f"{source}: key 'precision' must be a path relative to the run folder "
+                              f"or null, got {precision!r}")
         row["precision"] = precision
     return row
 
@@ -116,14 +121,14 @@ def collect_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except ValueError as exc:
-                raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+                raise ReportError(f"{path}: not valid JSON ({exc})") from exc
             row = parse_row(data, str(path))
             row["run"] = run.resolve().name
             row["label"] = path.stem
             row["_run_dir"] = run
             rows.append(row)
     if not rows:
-        raise ValueError(f"no evaluated models: no eval/*.json in {', '.join(map(str, runs)) or 'no run given'}")
+        raise ReportError(f"no evaluated models: no eval/*.json in {', '.join(map(str, runs)) or 'no run given'}")
     return rows
 
 

@@ -47,7 +47,8 @@ from torch import nn
 from evaluators.mapsswe import MapssweResult, mapsswe
 from evaluators.nbest import NBestList, dev_test_split
 from evaluators.wer import ErrorCounts, score_utterance
-from nas.data import UNK, Vocabulary
+from nas.data import UNK, DataError, Vocabulary
+from nas.errors import UsageError
 
 Tokenizer = Callable[[str], list[str]]
 
@@ -89,7 +90,7 @@ def _encode(words: Sequence[str], index: dict[str, int], unk: int | None) -> tup
         i = index.get(word)
         if i is None:
             if unk is None:
-                raise ValueError(f"word {word!r} is not in the vocabulary, which has no {UNK}")
+                raise DataError(f"word {word!r} is not in the vocabulary, which has no {UNK}")
             i, n_unk = unk, n_unk + 1
         ids.append(i)
     return ids, n_unk
@@ -265,7 +266,7 @@ def tune_weights(lists: Sequence[NBestList], lm_scores: Sequence[Sequence[float]
     if not lists:
         if len(weights) == 1 and len(penalties) == 1:
             return weights[0], penalties[0]
-        raise ValueError("no dev lists to tune on: give a dev part or a single lm weight and insertion penalty")
+        raise UsageError("no dev lists to tune on: give a dev part or a single lm weight and insertion penalty")
     table = _table(lists, lm_scores, normalizer or str.split, rank_weight, old_lm_weight)
     counts = errors if errors is not None else hypothesis_errors(lists, normalizer)
     err = np.zeros(table.base.shape, dtype=np.int64)

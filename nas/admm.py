@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nas.errors import CheckpointError
 from nas.ste import SteHooks
 from search_spaces.precision import PrecisionMap
 from search_spaces.quant import dequantize
@@ -155,8 +156,8 @@ class AdmmHooks(SteHooks):
         if not state:
             return
         if "g_codes" not in state:
-            raise ValueError("this checkpoint's ADMM state was written by the old ADMM (gradient at W, "
-                             "projection per step count); start the retraining again without --resume")
+            raise CheckpointError("this checkpoint's ADMM state was written by the old ADMM (gradient at W, "
+                                  "projection per step count); start the retraining again without --resume")
         super().load_state_dict(state)
         device = next(iter(self.u.values())).device if self.u else torch.device("cpu")
         self.rho = float(state["rho"])

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nas.errors import MpnasError
+
 __all__ = ["allocate", "pareto_front", "pareto_sweep"]
 
 
@@ -136,7 +138,7 @@ def _check_budget(budget: float, problem: _Problem) -> None:
         raise ValueError(f"budget must be a number of weight bits, got {budget!r}")
     minimum = problem.min_cost()
     if budget < minimum:
-        raise ValueError(f"budget of {budget:g} weight bits is infeasible: the minimum reachable cost is "
+        raise MpnasError(f"budget of {budget:g} weight bits is infeasible: the minimum reachable cost is "
                          f"{minimum} (every cluster at its fewest bits)")
 
 

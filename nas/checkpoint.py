@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from nas.errors import CheckpointError
 from nas.reference import is_reference, load_reference
 from search_spaces.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -50,4 +51,4 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign files surface as many torch/pickle errors
-        raise ValueError(f"{path}: not a readable mpnas checkpoint ({exc})") from exc
+        raise CheckpointError(f"{path}: not a readable mpnas checkpoint ({exc})") from exc

@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from nas.config import ConfigError, load_config
+from nas.console import configure_logging
 from nas.data import (
     CorpusOptions,
     DataError,
@@ -19,13 +21,14 @@ from nas.data import (
     load_corpus,
     resolve_data_dir,
 )
+from nas.errors import MpnasError
 from nas.nbest_cli import add_nbest_arguments
 from nas.nni_launcher import add_nni_parser
 from nas.pipeline import add_pipeline_parser, run_from_args
 from nas.report_cli import add_report_parser
 from nas.search_cli import add_search_parser, add_space_parser
 from nas.threads import apply_threads
-from nas.train import TrainingDivergedError
+from search_spaces.space import SpaceError
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -52,17 +55,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_packed(path: Path) -> bool:
+    from search_spaces.packed import MAGIC
+
+    with path.open("rb") as handle:
+        return handle.read(len(MAGIC)) == MAGIC
+
+
+def _precision_beside(checkpoint: Path) -> Path:
+    """The precision map of a checkpoint: ``precision.yaml`` in its folder (as ``mpnas retrain`` writes it)."""
+    return checkpoint.parent / "precision.yaml"
+
+
 def _load_any_model(path: Path) -> tuple[torch.nn.Module, dict[str, float], tuple[str, ...] | None]:
     """A model from a packed file or a checkpoint, with its size numbers and vocabulary."""
     from evaluators.size import model_size
     from nas.retrain import load_fp_checkpoint
     from search_spaces.models import build_model
-    from search_spaces.packed import MAGIC, load_packed
+    from search_spaces.packed import load_packed
     from search_spaces.precision import PrecisionMap
 
-    with path.open("rb") as handle:
-        is_packed = handle.read(len(MAGIC)) == MAGIC
-    if is_packed:
+    if _is_packed(path):
         model, precision = load_packed(path)
         size = {**model_size(model, precision), "packed_bytes": float(path.stat().st_size)}
         return model, size, None
@@ -70,7 +83,7 @@ def _load_any_model(path: Path) -> tuple[torch.nn.Module, dict[str, float], tupl
     config = dict(ckpt["config"])
     model = build_model(config.pop("type"), **config)
     model.load_state_dict(ckpt["model"])
-    precision_file = path.parent / "precision.yaml"
+    precision_file = _precision_beside(path)
     precision = PrecisionMap.load(precision_file) if precision_file.is_file() else PrecisionMap.uniform(model, 32)
     vocab = tuple(ckpt["vocab"]) if "vocab" in ckpt else None
     return model, model_size(model, precision), vocab
@@ -90,16 +103,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, size, vocab = _load_any_model(path)
     corpus = load_corpus(resolve_data_dir(args.data), CorpusOptions(blank_lines=args.blank_lines))
     if vocab is not None and vocab != corpus.vocab.words:
-        raise ValueError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}: "
-                         f"{describe_vocab_mismatch(vocab, corpus.vocab.words)}")
-    result: dict[str, object] = {"size": size}
+        raise DataError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}: "
+                        f"{describe_vocab_mismatch(vocab, corpus.vocab.words)}")
+    # a checkpoint's sizes come from the precision map beside it; without one they are FP32 sizes
+    packed = _is_packed(path)
+    map_file = None if packed else _precision_beside(path)
+    unquantized = map_file is not None and not map_file.is_file()
+    result: dict[str, object] = {"size": size,
+                                 "precision": "packed file" if packed else None if unquantized else str(map_file)}
+    if unquantized:
+        print(f"note: no precision map beside {path} ({map_file} is missing): the weights are evaluated as "
+              "stored, and the sizes below are those of FP32 (unquantized) weights. For a retrained model, "
+              "put its precision.yaml there or evaluate its packed .mpq file.")
     for split in args.splits:
         ppl = perplexity(model, corpus.split(split), corpus.vocab.eos_id, batch_size=args.batch_size,
                          device=args.device)
         result[split] = ppl
         print(f"{split}: ppl {ppl['ppl']:.2f} over {int(ppl['tokens'])} tokens")
     disk = f", on disk {size['packed_bytes'] / 1e6:.3f} MB" if "packed_bytes" in size else ""
-    print(f"size: theoretical {size['theoretical_bytes'] / 1e6:.3f} MB{disk}, average bits {size['avg_bits']:.2f}, "
+    label = "size (FP32, unquantized: no precision map)" if unquantized else "size"
+    print(f"{label}: theoretical {size['theoretical_bytes'] / 1e6:.3f} MB{disk}, average bits {size['avg_bits']:.2f}, "
           f"compression {size['compression']:.2f}x vs FP32")
     if args.json:
         print(json.dumps(result))
@@ -241,16 +264,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What ``mpnas`` reports as ``mpnas: error: <message>`` with exit status 2: the user's own mistakes
+# (nas.errors.MpnasError and its subclasses: DataError, CheckpointError, UsageError, PackedFileError,
+# PrecisionMapError, PrototypeError, NBestError, TrainingDivergedError, ...), a missing file, a
+# file that is not UTF-8 text (mpnas decodes only the files it is given), a config or a search
+# space that does not validate. Any other exception is a bug: it propagates with its traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (MpnasError, FileNotFoundError, UnicodeDecodeError, ConfigError,
+                                           SpaceError)
+
+
+def run_reporting_user_errors(func: Callable[[], int]) -> int:
+    """``func()``; a user error (:data:`USER_ERRORS`) prints ``mpnas: error: ...`` and returns 2."""
+    try:
+        return func()
+    except USER_ERRORS as exc:
+        print(f"mpnas: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mpnas`` console script."""
     args = build_parser().parse_args(argv)
-    try:
+    configure_logging()
+
+    def run() -> int:
         if hasattr(args, "threads") and args.command != "nni":  # nni: threads per trial (cores // concurrency)
             apply_threads(args.threads)
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, ValueError, TrainingDivergedError) as exc:
-        print(f"mpnas: error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_reporting_user_errors(run)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ from typing import Any
 import yaml
 
 from nas.data import CorpusOptions
+from nas.errors import MpnasError
 from search_spaces.models import MODEL_TYPES
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "search_spaces"
 
 
-class ConfigError(ValueError):
+class ConfigError(MpnasError):
     """An experiment file is malformed; the message names the file and key."""
 
 
@@ -195,6 +196,9 @@ class PipelineSection:
     budgets: list[float] = field(default_factory=lambda: [2.0])
     retrain_method: str | None = None  # admm | ste | None (= retrain.method)
     include_uniform: bool = True
+    # build uniform prototypes (space.bits below 16) after FP; kl and hessian then score on them,
+    # and retrain.init: inherited starts from them (nas/prototypes.py)
+    prototypes: bool = False
 
     def __post_init__(self) -> None:
         if not self.strategies:

@@ -38,6 +38,8 @@ from typing import Any, Literal
 
 import torch
 
+from nas.errors import MpnasError
+
 EOS = "<eos>"
 UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
@@ -57,8 +59,8 @@ PTB_SHA256 = {
 }
 
 
-class DataError(ValueError):
-    """A corpus file is missing or malformed; the message names file and line."""
+class DataError(MpnasError):
+    """A corpus file is missing or malformed, or too small for the run; the message names file and line."""
 
 
 def split_path(folder: Path, split: str) -> Path | None:
@@ -459,7 +461,7 @@ def stream_batches(stream: torch.Tensor, batch_size: int, bptt: int) -> torch.Te
     """
     length = stream.numel() // batch_size
     if length < 2:
-        raise ValueError(f"stream of {stream.numel()} tokens is too short for batch size {batch_size}")
+        raise DataError(f"stream of {stream.numel()} tokens is too short for batch size {batch_size}")
     return stream[: length * batch_size].view(batch_size, length)
 
 
@@ -488,7 +490,7 @@ def window_batches(stream: torch.Tensor, context: int, batch_size: int, generato
     offset = int(torch.randint(0, context, (1,), generator=generator))
     usable = (stream.numel() - 1 - offset) // context
     if usable < 1:
-        raise ValueError(f"stream of {stream.numel()} tokens is shorter than one context of {context}")
+        raise DataError(f"stream of {stream.numel()} tokens is shorter than one context of {context}")
     inputs = stream[offset : offset + usable * context].view(usable, context)
     targets = stream[offset + 1 : offset + 1 + usable * context].view(usable, context)
     order = torch.randperm(usable, generator=generator)

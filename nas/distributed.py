@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nas.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -48,7 +50,7 @@ def resolve_device(name: str | None, info: DistInfo) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+            raise UsageError(f"--device {name}: CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)

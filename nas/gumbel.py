@@ -25,6 +25,13 @@ size force still pushed down at the end, below the budget (PTB LSTM: expected bi
 2.0 budget, argmax map at 1.64 bits). The integral is therefore reset when the budget is
 crossed (it never keeps pushing the way the size already went too far).
 
+Prototype mode (the papers' DARTS over prototypes, issue 13 item 4): with ``prototypes``
+``{bits: {cluster: weight}}`` the candidate b of a cluster is its weight in the b-bit uniform
+retrained prototype, a constant: ``W_mix = sum_b pi_b * P_b`` (the 32-bit candidate, if any, is
+the live ``W``), so the search compares what retraining at each width achieved instead of one
+shared latent weight quantized b ways. The cluster weights then learn only through a 32-bit
+candidate; biases and norms keep training. Without prototypes the shared-weight mode above runs.
+
 Export (``budgeted_argmax``): the argmax map when it spends the budget; otherwise a documented
 repair step, exact in both directions:
 
@@ -53,6 +60,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from nas.data import stream_batches, window_batches
+from nas.errors import MpnasError
 from search_spaces.precision import Cluster, PrecisionMap, find_clusters
 from search_spaces.quant import FULL_PRECISION, fake_quantize, solve_scale, table_values
 
@@ -77,11 +85,11 @@ class GumbelSettings:
 
     def __post_init__(self) -> None:
         if not 0 < self.tau_end <= self.tau_start:
-            raise ValueError(f"need 0 < tau_end <= tau_start, got tau_start={self.tau_start}, tau_end={self.tau_end}")
+            raise MpnasError(f"need 0 < tau_end <= tau_start, got tau_start={self.tau_start}, tau_end={self.tau_end}")
         if not 0 < self.arch_fraction < 1:
-            raise ValueError(f"arch_fraction must be in (0, 1), got {self.arch_fraction}")
+            raise MpnasError(f"arch_fraction must be in (0, 1), got {self.arch_fraction}")
         if self.epochs <= 0 or self.rescale_every < 1:
-            raise ValueError(f"need epochs > 0 and rescale_every >= 1, got {self.epochs}, {self.rescale_every}")
+            raise MpnasError(f"need epochs > 0 and rescale_every >= 1, got {self.epochs}, {self.rescale_every}")
 
 
 class _MixedQuantize(torch.autograd.Function):
@@ -117,8 +125,8 @@ def _param_key(cluster: Cluster) -> str:
 class GumbelSupernet(nn.Module):
     """Logits over candidate bits for every cluster of ``model``; mixes weights on demand."""
 
-    def __init__(self, model: nn.Module, candidates: Mapping[str, tuple[int, ...]], granularity: str = "matrix"
-                 ) -> None:
+    def __init__(self, model: nn.Module, candidates: Mapping[str, tuple[int, ...]], granularity: str = "matrix",
+                 prototypes: Mapping[int, Mapping[str, torch.Tensor]] | None = None) -> None:
         super().__init__()
         self.model = model
         self.granularity = granularity
@@ -136,6 +144,21 @@ class GumbelSupernet(nn.Module):
         self.logits = nn.ParameterDict({self._key(n): nn.Parameter(torch.zeros(len(b)))
                                         for n, b in self.candidates.items() if len(b) > 1})
         self.alpha: dict[tuple[str, int], torch.Tensor] = {}
+        # prototype mode: (cluster, bits) -> the constant candidate weight
+        self.prototype: dict[tuple[str, int], torch.Tensor] = {}
+        if prototypes is not None:
+            for name, bits_list in self.candidates.items():
+                for bits in bits_list:
+                    if bits == FULL_PRECISION:
+                        continue
+                    weight = (prototypes.get(bits) or {}).get(name)
+                    if weight is None:
+                        raise MpnasError(f"no {bits}-bit prototype for cluster {name!r}: prototypes exist for "
+                                         f"{sorted(prototypes)} bits (`mpnas prototypes --bits {bits}`)")
+                    if tuple(weight.shape) != self.clusters[name].shape:
+                        raise MpnasError(f"the {bits}-bit prototype of {name!r} has shape {tuple(weight.shape)}, "
+                                         f"the model's cluster {self.clusters[name].shape}")
+                    self.prototype[(name, bits)] = weight.detach().to(self._weight(name).dtype)
 
     @staticmethod
     def _key(name: str) -> str:
@@ -171,11 +194,14 @@ class GumbelSupernet(nn.Module):
 
     def mixed_weights(self, tau: float, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
         """``W_mix`` for every cluster; Gumbel noise from ``generator`` (None: plain softmax)."""
-        if not self.alpha:
+        if not self.alpha and not self.prototype:
             self.refresh_scales()
         mixed = {}
         for name, bits_list in self.candidates.items():
             weight = self._weight(name)
+            if self.prototype:
+                mixed[_param_key(self.clusters[name])] = self._mixed_prototypes(name, weight, tau, generator)
+                continue
             if len(bits_list) == 1:
                 only = bits_list[0]
                 mixed[_param_key(self.clusters[name])] = (
@@ -189,6 +215,27 @@ class GumbelSupernet(nn.Module):
             alphas = tuple(self.alpha.get((name, b)) for b in bits_list)
             mixed[_param_key(self.clusters[name])] = _MixedQuantize.apply(weight, pi, bits_list, alphas)
         return mixed
+
+    def _candidate(self, name: str, bits: int, weight: torch.Tensor) -> torch.Tensor:
+        """Prototype mode: the b-bit candidate of ``name`` (the live weight at 32 bits)."""
+        if bits == FULL_PRECISION:
+            return weight
+        return self.prototype[(name, bits)].to(weight.device)
+
+    def _mixed_prototypes(self, name: str, weight: torch.Tensor, tau: float,
+                          generator: torch.Generator | None) -> torch.Tensor:
+        bits_list = self.candidates[name]
+        if len(bits_list) == 1:
+            return self._candidate(name, bits_list[0], weight)
+        logits = self.logits[self._key(name)]
+        if generator is not None:
+            uniform = torch.rand(logits.shape, generator=generator).clamp_(1e-10, 1 - 1e-10).to(logits.device)
+            logits = logits - torch.log(-torch.log(uniform))
+        pi = F.softmax(logits / tau, dim=0)
+        out = pi[0] * self._candidate(name, bits_list[0], weight)
+        for p, bits in zip(pi[1:], bits_list[1:], strict=True):
+            out = out + p * self._candidate(name, bits, weight)
+        return out
 
     def expected_weight_bits(self, tau: float = 1.0) -> torch.Tensor:
         """``sum_c numel_c * E_softmax(a_c / tau)[bits]`` (differentiable in the logits).
@@ -317,8 +364,8 @@ def _lm_batches(model: nn.Module, stream: torch.Tensor, batch_size: int, length:
 
 def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], train_tokens: torch.Tensor, *,
                   max_weight_bits: float | None, settings: GumbelSettings, batch_size: int, length: int,
-                  granularity: str = "matrix", device: torch.device | str = "cpu", progress: bool = False
-                  ) -> PrecisionMap:
+                  granularity: str = "matrix", device: torch.device | str = "cpu", progress: bool = False,
+                  prototypes: Mapping[int, Mapping[str, torch.Tensor]] | None = None) -> PrecisionMap:
     """Run the supernet search on ``train_tokens``; returns the exported map with its evidence.
 
     ``length`` is the BPTT length (LSTM) or context (Transformer). ``model`` is trained in place
@@ -327,7 +374,7 @@ def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], t
     start_time = time.perf_counter()
     device = torch.device(device)
     model.to(device).train()
-    net = GumbelSupernet(model, candidates, granularity).to(device)
+    net = GumbelSupernet(model, candidates, granularity, prototypes).to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     split = int(train_tokens.numel() * (1 - settings.arch_fraction))
     weight_data = _lm_batches(model, train_tokens[:split], batch_size, length, generator)
@@ -343,7 +390,7 @@ def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], t
     bar = tqdm(range(total_steps), disable=not progress, desc="gumbel search", dynamic_ncols=True)
     for step in bar:
         tau = settings.tau_start * (settings.tau_end / settings.tau_start) ** (step / max(1, total_steps - 1))
-        if step % settings.rescale_every == 0:
+        if step % settings.rescale_every == 0 and prototypes is None:
             net.refresh_scales()
         phases = ("w", "a") if settings.bilevel else ("joint",)
         for phase in phases:
@@ -382,6 +429,7 @@ def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], t
     bits, repair = net.export(cap, fill=settings.fill_budget)
     seconds = time.perf_counter() - start_time
     meta = {"strategy": "gumbel", "seed": settings.seed, "max_weight_bits": cap, "repair": repair,
+            "supernet": "shared" if prototypes is None else "prototype",
             "probabilities": {n: {str(b): p for b, p in d.items()} for n, d in net.probabilities().items()},
             "history": [{**h, "probabilities": {n: {str(b): p for b, p in d.items()}
                                                  for n, d in h["probabilities"].items()}} for h in history],

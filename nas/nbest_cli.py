@@ -35,7 +35,8 @@ from evaluators.rescore import (
     jsonable,
 )
 from nas.checkpoint import load_checkpoint
-from nas.data import EOS, Vocabulary
+from nas.data import EOS, DataError, Vocabulary
+from nas.errors import CheckpointError, MpnasError, UsageError
 from nas.reference import is_reference
 from nas.threads import apply_threads
 
@@ -54,9 +55,9 @@ def _floats(values: Sequence[str], option: str) -> list[float]:
                 try:
                     out.append(float(part))
                 except ValueError:
-                    raise ValueError(f"{option}: expected numbers, got {part!r}") from None
+                    raise UsageError(f"{option}: expected numbers, got {part!r}") from None
     if not out:
-        raise ValueError(f"{option}: empty grid")
+        raise UsageError(f"{option}: empty grid")
     return out
 
 
@@ -105,7 +106,7 @@ def read_nbest(path: Path, fmt: str | None = None, *, acscore: str | None = None
         raise FileNotFoundError(f"{path}: no such n-best file")
     fmt = fmt or detect_format(path)
     if fmt != "kaldi" and (acscore or lmscore or ref):
-        raise ValueError(f"{path}: --kaldi-acscore/--kaldi-lmscore/--kaldi-ref need the kaldi format, not {fmt}")
+        raise UsageError(f"{path}: --kaldi-acscore/--kaldi-lmscore/--kaldi-ref need the kaldi format, not {fmt}")
     if fmt == "hyporadise":
         lists = read_hyporadise(path)
     elif fmt == "jsonl":
@@ -113,13 +114,13 @@ def read_nbest(path: Path, fmt: str | None = None, *, acscore: str | None = None
     elif fmt == "kaldi":
         lists = read_kaldi_nbest(path, acscore, lmscore, ref)
     else:
-        raise ValueError(f"{path}: unknown n-best format {fmt!r}; expected one of {FORMATS}")
+        raise UsageError(f"{path}: unknown n-best format {fmt!r}; expected one of {FORMATS}")
     if not lists:
-        raise ValueError(f"{path}: no n-best lists in the file")
+        raise MpnasError(f"{path}: no n-best lists in the file")
     missing = [nb.utt_id for nb in lists if nb.reference is None]
     if missing:
         hint = " (give --kaldi-ref)" if fmt == "kaldi" else ""
-        raise ValueError(f"{path}: {len(missing)} lists have no reference, e.g. '{missing[0]}'; WER needs them{hint}")
+        raise MpnasError(f"{path}: {len(missing)} lists have no reference, e.g. '{missing[0]}'; WER needs them{hint}")
     return lists, fmt
 
 
@@ -132,26 +133,27 @@ def load_vocabulary(path: Path) -> Vocabulary:
     if is_checkpoint:
         ckpt = load_checkpoint(path)
         if "vocab" not in ckpt:
-            raise ValueError(f"{path}: checkpoint stores no 'vocab'; use the best.pt of `mpnas train` or a word list")
+            raise CheckpointError(f"{path}: checkpoint stores no 'vocab'; use the best.pt of `mpnas train` "
+                                  "or a word list")
         words = tuple(ckpt["vocab"])
     else:
         try:
             lines = path.read_text(encoding="utf-8").split("\n")
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{path}: not a UTF-8 word list ({exc.reason})") from None
+            raise DataError(f"{path}: not a UTF-8 word list ({exc.reason})") from None
         seen: dict[str, int] = {}
         for lineno, line in enumerate(lines, start=1):
             word = line.strip()
             if not word:
                 continue
             if len(word.split()) != 1:
-                raise ValueError(f"{path}: line {lineno}: expected one word, got {word!r}")
+                raise DataError(f"{path}: line {lineno}: expected one word, got {word!r}")
             if word in seen:
-                raise ValueError(f"{path}: line {lineno}: duplicate word {word!r} (first on line {seen[word]})")
+                raise DataError(f"{path}: line {lineno}: duplicate word {word!r} (first on line {seen[word]})")
             seen[word] = lineno
         words = tuple(seen)
     if EOS not in words:
-        raise ValueError(f"{path}: vocabulary has no {EOS}")
+        raise DataError(f"{path}: vocabulary has no {EOS}")
     return Vocabulary(words)
 
 
@@ -162,16 +164,16 @@ def load_lm(path: Path, load_model: LoadModel, vocab_source: str | None, device:
     model, _, stored = load_model(path)
     given = load_vocabulary(Path(vocab_source)) if vocab_source else None
     if stored is not None and given is not None and tuple(stored) != given.words:
-        raise ValueError(f"{path}: its stored vocabulary differs from --vocab {vocab_source}")
+        raise CheckpointError(f"{path}: its stored vocabulary differs from --vocab {vocab_source}")
     if stored is None and given is None:
-        raise ValueError(f"{path}: stores no vocabulary (packed files do not); pass --vocab with the "
-                         "training best.pt or a word list, one word per line")
+        raise CheckpointError(f"{path}: stores no vocabulary (packed files do not); pass --vocab with the "
+                              "training best.pt or a word list, one word per line")
     vocab = Vocabulary(tuple(stored)) if stored is not None else given
     assert vocab is not None
     size = getattr(getattr(model, "config", None), "vocab_size", len(vocab))
     if size != len(vocab):
-        raise ValueError(f"{path}: the model has {size} output words but its vocabulary "
-                         f"({vocab_source or 'stored'}) has {len(vocab)}")
+        raise CheckpointError(f"{path}: the model has {size} output words but its vocabulary "
+                              f"({vocab_source or 'stored'}) has {len(vocab)}")
     return model.to(device), vocab
 
 
@@ -208,7 +210,7 @@ def run_nbest(args: argparse.Namespace, load_model: LoadModel) -> int:
     if dev_count is None and fmt == "hyporadise" and len(lists) == WSJ_DEV93_COUNT + 333:
         dev_count = WSJ_DEV93_COUNT  # dev93 then eval92 (see evaluators.nbest)
     if dev_count is not None and not 0 <= dev_count <= len(lists):
-        raise ValueError(f"{nbest}: --dev-count {dev_count} is outside [0, {len(lists)}] lists")
+        raise UsageError(f"{nbest}: --dev-count {dev_count} is outside [0, {len(lists)}] lists")
     device = _device(getattr(args, "device", None))
     normalizer = Normalizer(split_hyphens=True)
     options = {
@@ -261,18 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point; errors print ``mpnas: error: ...`` and return 2 as ``mpnas`` does."""
-    from nas.cli import _load_any_model
+    from nas.cli import _load_any_model, run_reporting_user_errors
+    from nas.console import configure_logging
 
     args = build_parser().parse_args(argv)
     if not args.nbest:
         print("mpnas: error: --nbest FILE is required", file=sys.stderr)
         return 2
-    try:
+    configure_logging()
+
+    def run() -> int:
         apply_threads(args.threads)
         return run_nbest(args, _load_any_model)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"mpnas: error: {exc}", file=sys.stderr)
-        return 2
+
+    return run_reporting_user_errors(run)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import shlex
 import socket
 import sys
@@ -69,6 +70,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds nas/: trials run 
 FAILED_STATES = ("FAILED", "SYS_CANCELED")
 FINAL_STATES = ("DONE", "STOPPED", "ERROR")
 GRACE_S = 60  # past max_seconds, for NNI to end the experiment itself
+
+logger = logging.getLogger(__name__)
 
 
 class NniRunError(RuntimeError):
@@ -237,11 +240,13 @@ def collect_results(trials_dir: Path, experiment_id: str | None = None) -> list[
 
 
 def run_experiment(prepared: Prepared, settings: NniSettings, *, port: int | None = None, keep_going: bool = False,
-                   poll_s: float = 1.0, log: Any = print) -> dict[str, Any]:
+                   poll_s: float = 1.0, log: Any = None) -> dict[str, Any]:
     """Start the NNI experiment, wait for it, always stop it; raise NniRunError on failure.
 
     Returns a summary: experiment id, port, trial statuses, results (see :func:`collect_results`).
+    ``log`` receives the progress lines (default: this module's logger, at INFO).
     """
+    log = log or logger.info
     from nni.experiment import Experiment, ExperimentConfig
     from nni.experiment import rest as nni_rest
 

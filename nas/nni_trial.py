@@ -25,6 +25,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import shlex
@@ -37,7 +38,11 @@ from typing import Any
 
 import yaml
 
+from nas.console import configure_logging
+from nas.errors import MpnasError
 from nas.nni_space import SPEC_VERSION, config_budget, final_result, hparam_target, objective
+
+log = logging.getLogger(__name__)
 
 DIVERGED_MARK = "training diverged"  # in every TrainingDivergedError message (nas/train.py)
 
@@ -46,7 +51,7 @@ def load_spec(path: str | Path) -> dict[str, Any]:
     """The launcher's spec file (checked for its version)."""
     spec = json.loads(Path(path).read_text(encoding="utf-8"))
     if spec.get("version") != SPEC_VERSION:
-        raise ValueError(f"{path}: trial spec version {spec.get('version')!r}, this mpnas reads {SPEC_VERSION}")
+        raise MpnasError(f"{path}: trial spec version {spec.get('version')!r}, this mpnas reads {SPEC_VERSION}")
     return spec
 
 
@@ -150,9 +155,9 @@ def run_hparams_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: P
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(derived, sort_keys=False), encoding="utf-8")
     command = _pipeline_command(spec, config, run)
-    print("running:", shlex.join(command), flush=True)
+    log.info("running: %s", shlex.join(command))
     proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-    print(proc.stdout, flush=True)
+    log.info("%s", proc.stdout)
     (config.parent / "pipeline.log").write_text(proc.stdout, encoding="utf-8")
     strategy = derived["pipeline"]["strategies"][0]
     budget = derived["pipeline"]["budgets"][0]
@@ -216,7 +221,7 @@ def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path
         retrain(exp, corpus, spec["checkpoint"], precision, retrain_dir, method=method, device=str(device),
                 progress=False)
     except TrainingDivergedError as exc:
-        print(f"diverged: {exc}", flush=True)
+        log.info("diverged: %s", exc)
         return diverged_result()
     retrain_s = time.perf_counter() - started
     (retrain_dir / "checkpoint.pt").unlink(missing_ok=True)  # resume state (optimizer too); no trial resumes
@@ -246,8 +251,8 @@ def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path
         used, limit = size["theoretical_bytes"], budget.max_bytes(space)
     value = objective(ppl[spec["objective"].removesuffix("_ppl")], used, limit, float(spec["penalty"]))
     result = {**final_result(value, row, spec["objective"]), "label": label, "within_budget": row["within_budget"]}
-    print(f"{label}: avg bits {size['avg_bits']:.3f}, {size['theoretical_bytes'] / BYTES_PER_MB:.4f} MB, "
-          f"valid ppl {ppl['valid']:.2f}, test ppl {ppl['test']:.2f}, objective {value:.3f}", flush=True)
+    log.info("%s: avg bits %.3f, %.4f MB, valid ppl %.2f, test ppl %.2f, objective %.3f", label, size["avg_bits"],
+             size["theoretical_bytes"] / BYTES_PER_MB, ppl["valid"], ppl["test"], value)
     return result
 
 
@@ -260,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="OUT/nni/spec.json written by `mpnas nni`")
     parser.add_argument("--params", default="{}", help="JSON parameters under NNI's (standalone runs)")
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         import nni
     except ImportError:  # standalone outside the NNI venv: --params only, the result is printed

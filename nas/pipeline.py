@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import shlex
 import shutil
 import signal
@@ -42,8 +43,9 @@ from typing import Any
 import yaml
 
 from nas.checkpoint import atomic_write_json, atomic_write_text
-from nas.config import ExperimentConfig, load_config, resolve_config_path
+from nas.config import ConfigError, ExperimentConfig, load_config, resolve_config_path
 from nas.data import Corpus, load_corpus, resolve_data_dir
+from nas.errors import MpnasError
 from nas.stages import (
     Point,
     canonical_hash,
@@ -62,6 +64,8 @@ from nas.stages import (
 )
 from nas.strategies import settings_used
 from search_spaces.precision import PrecisionMap
+
+logger = logging.getLogger(__name__)  # ``log`` is the stage-line callback of Pipeline
 
 
 def section_inputs(section: Any) -> dict[str, Any]:
@@ -82,7 +86,7 @@ def section_inputs(section: Any) -> dict[str, Any]:
     return values
 
 
-class PipelineError(ValueError):
+class PipelineError(MpnasError):
     """A pipeline cannot go on (e.g. the report module is missing); the message says what to do."""
 
 
@@ -122,7 +126,7 @@ class Pipeline:
     """
 
     def __init__(self, exp: ExperimentConfig, run_dir: Path, corpus: Corpus, *, checkpoint: Path | None = None,
-                 device: str = "cpu", checkpoint_every: int = 200, log: Callable[[str], None] = print) -> None:
+                 device: str = "cpu", checkpoint_every: int = 200, log: Callable[[str], None] = logger.info) -> None:
         self.exp, self.run, self.corpus = exp, Path(run_dir), corpus
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.device, self.checkpoint_every, self.log = device, checkpoint_every, log
@@ -203,15 +207,48 @@ class Pipeline:
             out, fp_row(self.exp, self.corpus, self.fp_checkpoint, self.model_name, device=self.device,
                         trained_here=self.checkpoint is None)))
 
+    @property
+    def prototype_dir(self) -> Path:
+        """Where the ``prototypes`` stage keeps the uniform prototypes."""
+        return self.run / "prototypes"
+
+    def prototype_widths(self) -> list[int]:
+        """The widths the prototypes stage builds: the space's candidate widths below 16 bits."""
+        from search_spaces.space import DEFAULT_BITS
+
+        return sorted({int(b) for b in (self.exp.space or {}).get("bits", DEFAULT_BITS) if b < 16})
+
+    def prototypes(self) -> None:
+        """``prototypes/``: one uniform retrained model per candidate width (``pipeline.prototypes``)."""
+        from nas.prototypes import INDEX, build_prototypes, prototype_file
+
+        widths = self.prototype_widths()
+        retrain_cfg = dataclasses.replace(self.exp.retrain, method=self.method)
+        inputs = {"widths": widths, "retrain": section_inputs(retrain_cfg), "data": self.data,
+                  "fp": self._fp_hash(), "corpus": self.corpus_hash}
+        artifacts = [self.prototype_dir / INDEX, *(prototype_file(self.prototype_dir, b) for b in widths)]
+        # no work_dir: build_prototypes keeps unchanged widths and restarts a width whose inputs changed
+        self._stage("prototypes", inputs, artifacts, None, lambda: build_prototypes(
+            self.exp, self.corpus, self.fp_checkpoint, widths, self.prototype_dir, method=self.method,
+            device=self.device, checkpoint_every=self.checkpoint_every))
+
+    def _prototype_inputs(self) -> dict[str, Any]:
+        from nas.prototypes import INDEX
+
+        return {"prototypes": self._content_hash(self.prototype_dir / INDEX, file_sha256)}
+
     def search(self, point: Point) -> None:
-        """``search/<label>/precision.yaml``."""
+        """``search/<label>/precision.yaml`` (kl and hessian on the prototypes when there are any)."""
         out_dir = self.run / "search" / point.label
         settings = dataclasses.replace(self.exp.search, strategy=point.strategy)
+        on_prototypes = self.exp.pipeline.prototypes and point.strategy in ("kl", "hessian", "gumbel")
         inputs = {"label": point.label, "budget": point.budget, "space": self.exp.space, "data": self.data,
-                  "search": settings_used(settings, point.strategy), "fp": self._fp_hash(), "corpus": self.corpus_hash}
+                  "search": settings_used(settings, point.strategy), "fp": self._fp_hash(), "corpus": self.corpus_hash,
+                  **(self._prototype_inputs() if on_prototypes else {})}
         self._stage(f"search/{point.label}", inputs, [out_dir / "precision.yaml"], out_dir, lambda: search_point(
             self.exp, self.corpus, self.fp_checkpoint, point, out_dir / "precision.yaml",
-            cache_dir=self.run / "cache" / "scores", device=self.device))
+            cache_dir=self.run / "cache" / "scores", device=self.device,
+            prototypes=self.prototype_dir if on_prototypes else None))
 
     def given_map(self, point: Point, precision: PrecisionMap) -> None:
         """``search/<label>/precision.yaml`` from a map chosen outside mpnas (e.g. an NNI tuner)."""
@@ -232,13 +269,15 @@ class Pipeline:
         out_dir = self.run / "retrain" / point.label
         precision_file = self.run / "search" / point.label / "precision.yaml"
         retrain_cfg = dataclasses.replace(self.exp.retrain, method=self.method)
+        inherited = retrain_cfg.init == "inherited"
         inputs = {"label": point.label, "retrain": section_inputs(retrain_cfg), "data": self.data,
                   "fp": self._fp_hash(), "precision": precision_hash(PrecisionMap.load(precision_file)),
-                  "corpus": self.corpus_hash}
+                  "corpus": self.corpus_hash, **(self._prototype_inputs() if inherited else {})}
         artifacts = [out_dir / name for name in ("best.pt", "metrics.json", "model.mpq")]
         self._stage(f"retrain/{point.label}", inputs, artifacts, out_dir, lambda: retrain_point(
             self.exp, self.corpus, self.fp_checkpoint, precision_file, out_dir, method=self.method,
-            device=self.device, checkpoint_every=self.checkpoint_every))
+            device=self.device, checkpoint_every=self.checkpoint_every,
+            prototypes=self.prototype_dir if inherited else None))
 
     def search_seconds(self, point: Point) -> float | None:
         """Seconds of the search, counting the original scoring time of a reused score table."""
@@ -308,7 +347,7 @@ def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data
                  budgets: list[float] | None = None, include_uniform: bool | None = None,
                  retrain_method: str | None = None, report: bool = True, prune: bool = True,
                  checkpoint_every: int = 200, command: str | None = None,
-                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                 log: Callable[[str], None] = logger.info) -> list[dict[str, Any]]:
     """Run (or resume) the whole pipeline into ``out``; returns the result rows (``eval/*.json``).
 
     ``config`` is a file, a packaged name (``quick``) or a parsed config. ``strategies``,
@@ -325,9 +364,16 @@ def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data
                  "retrain_method": retrain_method}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if overrides:
-        exp = dataclasses.replace(exp, pipeline=dataclasses.replace(exp.pipeline, **overrides))  # re-validated
+        try:
+            exp = dataclasses.replace(exp, pipeline=dataclasses.replace(exp.pipeline, **overrides))  # re-validated
+        except ValueError as exc:
+            raise ConfigError(f"{exp.source}: the command-line options make an invalid pipeline section: "
+                              f"{exc}") from exc
     if text is None or overrides:
         text = yaml.safe_dump({k: v for k, v in exp.to_dict().items() if v is not None}, sort_keys=False)
+    if exp.retrain.init == "inherited" and not exp.pipeline.prototypes:
+        raise ConfigError(f"{exp.source}: retrain.init is 'inherited', which starts from the prototypes; "
+                          "set pipeline.prototypes: true so that the pipeline builds them")
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", text)
@@ -336,9 +382,11 @@ def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data
     pipe = Pipeline(exp, run_dir, corpus, checkpoint=None if checkpoint is None else Path(checkpoint),
                     device=device, checkpoint_every=checkpoint_every, log=log)
     points = plan_points(exp.pipeline)
-    pipe.total = 2 + 3 * len(points) + int(report)
+    pipe.total = 2 + int(exp.pipeline.prototypes) + 3 * len(points) + int(report)
     pipe.fp()
     pipe.evaluate_fp()
+    if exp.pipeline.prototypes:
+        pipe.prototypes()
     for stage in (pipe.search, pipe.retrain, pipe.evaluate):
         for point in points:
             stage(point)

@@ -10,8 +10,9 @@ interrupted width continues from its ``checkpoint.pt``), and stores the result a
 Folder layout (``out_dir``):
 
 - ``<b>bit.mpq``: the b-bit prototype, packed (what later stages and other sessions read);
-- ``<b>bit/``: its retraining run (``checkpoint.pt``, ``best.pt``, ``metrics.json``); may be
-  deleted once the ``.mpq`` exists (git ignores it);
+- ``<b>bit/``: its retraining run (``checkpoint.pt``, ``best.pt``, ``metrics.json``, and
+  ``inputs.json``: a run made from other inputs is started again, not resumed); may be deleted
+  once the ``.mpq`` exists (git ignores it);
 - ``prototypes.json``: the index: per width the file, its sha256, valid/test perplexity, method,
   epochs, and what every prototype was made from (FP checkpoint sha256, retrain section).
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from torch import nn
 from nas.checkpoint import atomic_write_text
 from nas.config import ExperimentConfig
 from nas.data import Corpus
+from nas.errors import MpnasError
 from nas.retrain import load_fp_checkpoint, retrain
 from nas.stages import canonical_hash, file_sha256, load_model
 from search_spaces.packed import export_packed, load_packed
@@ -43,7 +46,7 @@ INDEX = "prototypes.json"
 INDEX_VERSION = 1
 
 
-class PrototypeError(ValueError):
+class PrototypeError(MpnasError):
     """A prototype folder that cannot serve: missing, stale or for another model."""
 
 
@@ -94,6 +97,8 @@ def build_prototypes(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str |
     """
     bits = _check_bits(list(bits))
     out_dir, fp_checkpoint = Path(out_dir), Path(fp_checkpoint)
+    # prototypes start from the FP weights, whatever the recipe says for the maps built on them
+    exp = dataclasses.replace(exp, retrain=dataclasses.replace(exp.retrain, init="fp"))
     method = method or exp.retrain.method
     load_fp_checkpoint(fp_checkpoint, corpus)  # vocabulary and format errors before any training
     inputs = _inputs(exp, fp_checkpoint, method)
@@ -106,6 +111,12 @@ def build_prototypes(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str |
             log.info("%d-bit prototype: cached (%s)", b, packed)
             continue
         run = out_dir / f"{b}bit"
+        stamp = run / "inputs.json"
+        if run.exists() and (not stamp.is_file() or json.loads(stamp.read_text(encoding="utf-8")) != inputs):
+            log.info("%d-bit prototype: %s was made from other inputs; starting it again", b, run)
+            shutil.rmtree(run)  # never resume a run of another recipe or FP checkpoint
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(stamp, json.dumps(inputs, sort_keys=True) + "\n")
         model = load_model(fp_checkpoint)
         precision = PrecisionMap.uniform(model, b).with_meta({"prototype_bits": b, "method": method})
         log.info("%d-bit prototype: retraining with %s into %s", b, method, run)

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from nas.errors import CheckpointError
 from search_spaces.atomic import atomic_write_bytes
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "SUFFIX", "is_reference", "load_reference", "save_reference"]
@@ -93,13 +94,13 @@ def save_reference(path: str | os.PathLike, ckpt: dict[str, Any], *, valid_ppl: 
     """
     path = Path(path)
     if not is_reference(path):
-        raise ValueError(f"{path}: a reference checkpoint needs the {SUFFIX} suffix")
+        raise CheckpointError(f"{path}: a reference checkpoint needs the {SUFFIX} suffix")
     for key in ("model", "config", "vocab"):
         if key not in ckpt:
-            raise ValueError(f"checkpoint for {path} has no '{key}' (expected a best.pt of `mpnas train`)")
+            raise CheckpointError(f"checkpoint for {path} has no '{key}' (expected a best.pt of `mpnas train`)")
     config = ckpt["config"]
     if not isinstance(config, dict) or not isinstance(config.get("type"), str):
-        raise ValueError(f"checkpoint for {path}: 'config' must be a dict with a 'type', got {config!r}")
+        raise CheckpointError(f"checkpoint for {path}: 'config' must be a dict with a 'type', got {config!r}")
     tensors, aliases = _dedupe(ckpt["model"])
     entries: dict[str, Any] = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config, "vocab": list(ckpt["vocab"]),
@@ -109,7 +110,7 @@ def save_reference(path: str | os.PathLike, ckpt: dict[str, Any], *, valid_ppl: 
     }
     for key, value in (extra or {}).items():
         if key in entries:
-            raise ValueError(f"extra metadata {key!r} would replace a standard entry of {path}")
+            raise CheckpointError(f"extra metadata {key!r} would replace a standard entry of {path}")
         entries[key] = value
     metadata = {key: json.dumps(value, sort_keys=True) for key, value in entries.items()}
     atomic_write_bytes(path, safetensors_bytes(tensors, metadata=metadata))
@@ -124,7 +125,7 @@ def _decode(path: Path, metadata: dict[str, str]) -> dict[str, Any]:
         try:
             meta[key] = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: metadata entry {key!r} is not JSON ({exc})") from None
+            raise CheckpointError(f"{path}: metadata entry {key!r} is not JSON ({exc})") from None
     return meta
 
 
@@ -134,8 +135,9 @@ def load_reference(path: str | os.PathLike) -> dict[str, Any]:
     ``{"model": state_dict, "config", "vocab", "valid_ppl", "test_ppl", "epoch", "meta"}``,
     where aliased keys of the state_dict are the same tensor as their stored key and ``meta``
     holds every metadata entry, decoded. Raises :class:`FileNotFoundError` for a missing
-    file and :class:`ValueError`, naming the file, for a truncated or corrupted file, a
-    safetensors file that is not an mpnas reference, or an unknown format version.
+    file and :class:`nas.errors.CheckpointError` (a ``ValueError``), naming the file, for a
+    truncated or corrupted file, a safetensors file that is not an mpnas reference, or an
+    unknown format version.
     """
     path = Path(path)
     if not path.is_file():
@@ -145,29 +147,30 @@ def load_reference(path: str | os.PathLike) -> dict[str, Any]:
             raw = handle.metadata()
             state = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors reports a truncated or corrupt file in several ways
-        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
     if not raw or "format" not in raw:
-        raise ValueError(f"{path}: a safetensors file without mpnas metadata; not an mpnas reference checkpoint")
+        raise CheckpointError(f"{path}: a safetensors file without mpnas metadata; not an mpnas reference checkpoint")
     if raw["format"] != json.dumps(FORMAT_NAME):  # e.g. {"format": "pt"} of Hugging Face files
-        raise ValueError(f"{path}: metadata format {raw['format']!r}, not an mpnas reference checkpoint "
-                         f"({FORMAT_NAME!r})")
+        raise CheckpointError(f"{path}: metadata format {raw['format']!r}, not an mpnas reference checkpoint "
+                              f"({FORMAT_NAME!r})")
     meta = _decode(path, raw)
     missing = [key for key in _REQUIRED if key not in meta]
     if missing:
-        raise ValueError(f"{path}: not a complete mpnas reference checkpoint (metadata lacks {', '.join(missing)})")
+        raise CheckpointError(f"{path}: not a complete mpnas reference checkpoint "
+                              f"(metadata lacks {', '.join(missing)})")
     if meta["format_version"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: {FORMAT_NAME} format version {meta['format_version']!r}; "
-                         f"this mpnas reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: {FORMAT_NAME} format version {meta['format_version']!r}; "
+                              f"this mpnas reads version {FORMAT_VERSION}")
     config, aliases = meta["config"], meta["aliases"]
     if not isinstance(config, dict) or not isinstance(config.get("type"), str):
-        raise ValueError(f"{path}: metadata 'config' must be an object with a 'type', got {config!r}")
+        raise CheckpointError(f"{path}: metadata 'config' must be an object with a 'type', got {config!r}")
     if not isinstance(meta["vocab"], list):
-        raise ValueError(f"{path}: metadata 'vocab' must be a list of words")
+        raise CheckpointError(f"{path}: metadata 'vocab' must be a list of words")
     if not isinstance(aliases, dict):
-        raise ValueError(f"{path}: metadata 'aliases' must be an object, got {aliases!r}")
+        raise CheckpointError(f"{path}: metadata 'aliases' must be an object, got {aliases!r}")
     for alias, target in aliases.items():
         if target not in state:
-            raise ValueError(f"{path}: alias {alias!r} points to {target!r}, which the file does not store")
+            raise CheckpointError(f"{path}: alias {alias!r} points to {target!r}, which the file does not store")
         state[alias] = state[target]
     return {"model": state, "config": config, "vocab": meta["vocab"], "valid_ppl": meta["valid_ppl"],
             "test_ppl": meta["test_ppl"], "epoch": meta["epoch"], "meta": meta}

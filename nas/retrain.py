@@ -20,9 +20,10 @@ from evaluators.size import model_size
 from nas.admm import AdmmHooks
 from nas.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from nas.config import ExperimentConfig, RetrainSection
-from nas.data import Corpus, describe_vocab_mismatch
+from nas.data import Corpus, DataError, describe_vocab_mismatch
 from nas.distill import Distiller
 from nas.distributed import dist_info_from_env, resolve_device
+from nas.errors import CheckpointError, UsageError
 from nas.ste import QuantizedClusters, SteHooks
 from nas.train import TrainingHooks, _evaluate, train
 from search_spaces.models import build_model
@@ -35,10 +36,10 @@ def load_fp_checkpoint(path: str | Path, corpus: Corpus | None = None) -> dict[s
     ckpt = load_checkpoint(Path(path))
     for key in ("model", "config"):
         if key not in ckpt:
-            raise ValueError(f"{path}: not an mpnas model checkpoint (missing '{key}')")
+            raise CheckpointError(f"{path}: not an mpnas model checkpoint (missing '{key}')")
     if corpus is not None and "vocab" in ckpt and tuple(ckpt["vocab"]) != corpus.vocab.words:
-        raise ValueError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}: "
-                         f"{describe_vocab_mismatch(ckpt['vocab'], corpus.vocab.words)}")
+        raise DataError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}: "
+                        f"{describe_vocab_mismatch(ckpt['vocab'], corpus.vocab.words)}")
     return ckpt
 
 
@@ -47,7 +48,7 @@ def resolve_precision(spec: str, model: nn.Module) -> PrecisionMap:
     if spec.startswith("uniform:"):
         value = spec.split(":", 1)[1]
         if not value.isdigit():
-            raise ValueError(f"--precision {spec!r}: expected uniform:BITS with an integer, e.g. uniform:4")
+            raise UsageError(f"--precision {spec!r}: expected uniform:BITS with an integer, e.g. uniform:4")
         return PrecisionMap.uniform(model, int(value))
     return PrecisionMap.load(Path(spec))
 
@@ -104,7 +105,8 @@ def _ste_tail(exp: ExperimentConfig, corpus: Corpus, cfg: RetrainSection, precis
 
     ADMM's result is kept apart first (``admm_best.pt``, ``admm_metrics.json``), so a killed or
     resumed run never mistakes the tail's weights for ADMM's. The tail draws its batches with
-    another seed (a Transformer would otherwise replay the first batches of ADMM's first epoch),
+    another seed, ``retrain.seed + 1`` (a Transformer would otherwise replay the first batches of
+    ADMM's first epoch),
     is distilled like ADMM was, and runs in ``out_dir/ste_finetune``; ``best.pt`` becomes a copy
     of the winner. ADMM's metrics (residuals included) stay, with the tail's valid perplexity and
     the choice recorded.
@@ -116,8 +118,7 @@ def _ste_tail(exp: ExperimentConfig, corpus: Corpus, cfg: RetrainSection, precis
         _copy_file(out_dir / "best.pt", admm_best)
         atomic_write_json(out_dir / "admm_metrics.json", metrics)
     short = dataclasses.replace(cfg, epochs=1, max_steps_per_epoch=cfg.ste_finetune_steps, seed=cfg.seed + 1)
-    tail_exp = dataclasses.replace(exp, train=dataclasses.replace(exp.train, seed=exp.train.seed + 1))
-    tail = train(tail_exp, corpus, out_dir / "ste_finetune", device=device, resume=resume, progress=progress,
+    tail = train(exp, corpus, out_dir / "ste_finetune", device=device, resume=resume, progress=progress,
                  train_cfg=short, initial_state=tuned["model"], make_hooks=make_hooks(cfg, precision, "ste"),
                  distiller=make_distiller(cfg, ckpt, device))
     kept = _selection_ppl(tail, corpus) < _selection_ppl(metrics, corpus)
@@ -223,7 +224,7 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
     teacher_ckpt = ckpt
     if exp.retrain.init == "inherited":
         if prototypes is None:
-            raise ValueError("retrain.init is 'inherited' but no prototype folder was given (--prototypes DIR, "
+            raise UsageError("retrain.init is 'inherited' but no prototype folder was given (--prototypes DIR, "
                              "made by `mpnas prototypes`)")
         ckpt = {**ckpt, "model": inherited_state(fp_checkpoint, ckpt, precision, prototypes)}
     model_config = dict(ckpt["config"])
@@ -236,7 +237,7 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
     precision.validate(probe)
     method = method or cfg.method
     if method not in ("admm", "ste"):
-        raise ValueError(f"unknown retraining method {method!r}; expected 'admm' or 'ste'")
+        raise UsageError(f"unknown retraining method {method!r}; expected 'admm' or 'ste'")
     out_dir.mkdir(parents=True, exist_ok=True)
     precision.save(out_dir / "precision.yaml")
     if resume and (done := _finished(out_dir, method, precision)) is not None:

@@ -10,7 +10,8 @@ from typing import Any
 from torch import nn
 
 from nas.config import ExperimentConfig, load_config
-from nas.data import describe_vocab_mismatch, format_corpus_summary, load_corpus, resolve_data_dir
+from nas.data import DataError, describe_vocab_mismatch, format_corpus_summary, load_corpus, resolve_data_dir
+from nas.errors import UsageError
 from search_spaces.models import build_model
 from search_spaces.space import BUDGET_KINDS, SearchSpace
 
@@ -20,11 +21,11 @@ def parse_budget(text: str) -> dict[str, float]:
     kind, _, value = text.rpartition("=")
     kind = kind or "avg_bits"
     if kind not in BUDGET_KINDS:
-        raise ValueError(f"--budget {text!r}: unknown kind {kind!r}; expected one of {BUDGET_KINDS}")
+        raise UsageError(f"--budget {text!r}: unknown kind {kind!r}; expected one of {BUDGET_KINDS}")
     try:
         return {kind: float(value)}
     except ValueError:
-        raise ValueError(f"--budget {text!r}: {value!r} is not a number") from None
+        raise UsageError(f"--budget {text!r}: {value!r} is not a number") from None
 
 
 def model_for(exp: ExperimentConfig, checkpoint: str | None, vocab_size: int | None) -> tuple[nn.Module, Any]:
@@ -68,9 +69,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
     model, ckpt = model_for(exp, args.checkpoint, len(corpus.vocab))
     if ckpt is not None and "vocab" in ckpt and tuple(ckpt["vocab"]) != corpus.vocab.words:
-        raise ValueError(f"{args.checkpoint}: its vocabulary differs from the corpus in {corpus.folder}: "
-                         f"{describe_vocab_mismatch(ckpt['vocab'], corpus.vocab.words)}")
+        raise DataError(f"{args.checkpoint}: its vocabulary differs from the corpus in {corpus.folder}: "
+                        f"{describe_vocab_mismatch(ckpt['vocab'], corpus.vocab.words)}")
     budget = parse_budget(args.budget) if args.budget else exp.budget
+    if not budget:
+        raise UsageError(f"{exp.source}: a search needs a budget (a `budget` section or --budget)")
     space = SearchSpace.from_config(exp.space, budget, model, exp.source)
     settings = exp.search
     if args.strategy:
@@ -79,9 +82,14 @@ def cmd_search(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, strategy=args.strategy)
     recurrent = hasattr(model, "init_state")
     out = Path(args.out)
+    prototypes = None
+    if args.prototypes:
+        from nas.prototypes import load_prototypes, prototype_weights
+
+        prototypes = prototype_weights(load_prototypes(args.prototypes), model)
     data = SearchData(train=corpus.train, valid=corpus.valid, batch_size=exp.data.batch_size,
                       length=exp.data.bptt if recurrent else exp.data.context, device=args.device,
-                      cache_dir=Path(args.cache) if args.cache else out.parent / "score_cache")
+                      cache_dir=Path(args.cache) if args.cache else out.parent / "score_cache", prototypes=prototypes)
     precision = get_strategy(settings.strategy).search(model, space, data, settings)
     meta = {**precision.meta, "budget": budget, "checkpoint": str(args.checkpoint)}
     precision = precision.with_meta(meta)
@@ -113,4 +121,6 @@ def add_search_parser(sub: Any) -> None:
     p.add_argument("--budget", help="override: 2 (avg bits), size_mb=1.5 or compression=16")
     p.add_argument("--out", required=True, help="precision map to write (.yaml or .json)")
     p.add_argument("--cache", help="score-table cache folder (default: OUT's folder/score_cache)")
+    p.add_argument("--prototypes", help="prototype folder of `mpnas prototypes`: kl and hessian rate each width "
+                   "by its retrained prototype instead of quantizing the FP weights")
     p.set_defaults(func=cmd_search)

@@ -47,6 +47,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from nas.errors import MpnasError
 from search_spaces.precision import Cluster, cluster_parameter, cluster_weight, find_clusters
 from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS, quantization_error, quantize
 
@@ -96,11 +97,11 @@ def _check_candidates(model: nn.Module, candidates: Mapping[str, Sequence[int]])
 def _replacement(replacements: Replacements, name: str, bits: int, like: torch.Tensor) -> torch.Tensor:
     """The prototype weight of cluster ``name`` at ``bits``, checked against the live weight's shape."""
     if bits not in replacements:
-        raise ValueError(f"no {bits}-bit prototype for cluster {name!r}: prototypes exist for "
+        raise MpnasError(f"no {bits}-bit prototype for cluster {name!r}: prototypes exist for "
                          f"{sorted(replacements)} bits (build the missing width with `mpnas prototypes --bits {bits}`)")
     weight = replacements[bits].get(name)
     if weight is None or tuple(weight.shape) != tuple(like.shape):
-        raise ValueError(f"the {bits}-bit prototype has no cluster {name!r} of shape {tuple(like.shape)}")
+        raise MpnasError(f"the {bits}-bit prototype has no cluster {name!r} of shape {tuple(like.shape)}")
     return weight.to(like.device, like.dtype)
 
 

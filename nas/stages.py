@@ -145,15 +145,24 @@ def record_fp_source(checkpoint: Path, fp_dir: Path, corpus: Corpus) -> None:
 
 
 def search_point(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: Path, point: Point, out: Path, *,
-                 cache_dir: Path, device: str) -> PrecisionMap:
-    """Search one precision map (``point.strategy`` at ``point.budget`` average bits) into ``out``."""
+                 cache_dir: Path, device: str, prototypes: Path | None = None) -> PrecisionMap:
+    """Search one precision map (``point.strategy`` at ``point.budget`` average bits) into ``out``.
+
+    ``prototypes``: a prototype folder (nas/prototypes.py) that kl and hessian score on.
+    """
     model = load_model(fp_checkpoint, corpus)
+    weights = None
+    if prototypes is not None:
+        from nas.prototypes import load_prototypes, prototype_weights  # nas.prototypes imports this module
+
+        weights = prototype_weights(load_prototypes(prototypes), model)
     budget = {"avg_bits": point.budget}
     space = SearchSpace.from_config(exp.space, budget, model, exp.source)
     settings = dataclasses.replace(exp.search, strategy=point.strategy)
     recurrent = hasattr(model, "init_state")
     data = SearchData(train=corpus.train, valid=corpus.valid, batch_size=exp.data.batch_size,
-                      length=exp.data.bptt if recurrent else exp.data.context, device=device, cache_dir=cache_dir)
+                      length=exp.data.bptt if recurrent else exp.data.context, device=device, cache_dir=cache_dir,
+                      prototypes=weights)
     torch.manual_seed(settings.seed)  # dropout in a supernet draws from the global generator
     found = get_strategy(point.strategy).search(model, space, data, settings)
     precision = found.with_meta({**found.meta, "budget": budget, "label": point.label})
@@ -162,11 +171,13 @@ def search_point(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: Path, poi
 
 
 def retrain_point(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: Path, precision_file: Path, out_dir: Path,
-                  *, method: str, device: str, checkpoint_every: int) -> dict[str, Any]:
+                  *, method: str, device: str, checkpoint_every: int, prototypes: Path | None = None
+                  ) -> dict[str, Any]:
     """Retrain at a map (resuming ``out_dir/checkpoint.pt``), then export ``out_dir/model.mpq``."""
     precision = PrecisionMap.load(precision_file)
     metrics = retrain(exp, corpus, fp_checkpoint, precision, out_dir, method=method, device=device,
-                      resume=(out_dir / "checkpoint.pt").is_file(), progress=False, checkpoint_every=checkpoint_every)
+                      resume=(out_dir / "checkpoint.pt").is_file(), progress=False, checkpoint_every=checkpoint_every,
+                      prototypes=prototypes)
     model = load_model(out_dir / "best.pt")
     # The packed header keeps the map's identity, not its evidence: score tables and gumbel
     # histories would inflate packed_bytes, and wall times would make the file differ per run.

@@ -34,6 +34,7 @@ from torch import nn
 from nas.allocate import allocate
 from nas.config import SearchSection
 from nas.data import stream_batches, window_batches
+from nas.errors import MpnasError, UsageError
 from nas.gumbel import GumbelSettings, gumbel_search
 from nas.sensitivity import (
     Replacements,
@@ -82,7 +83,7 @@ class Strategy(Protocol):
 
 def _cap(space: SearchSpace) -> float:
     if space.budget is None:
-        raise ValueError(f"{space.source}: a search needs a budget (a `budget` section or --budget)")
+        raise UsageError(f"{space.source}: a search needs a budget (a `budget` section or --budget)")
     return space.budget.max_weight_bits(space)
 
 
@@ -130,7 +131,7 @@ class UniformStrategy:
                     meta["off_width"] = {n: candidate.bits[n] for n in off}
                 meta["wall_s"] = time.perf_counter() - start
                 return _finish(space, dict(candidate.bits), meta)
-        raise ValueError(f"{space.source}: no uniform width fits the budget")
+        raise MpnasError(f"{space.source}: no uniform width fits the budget")
 
 
 def _uniform_note(space: SearchSpace, budget_bits: float, width: int, widths: list[int]) -> str:
@@ -323,7 +324,7 @@ class GumbelStrategy:
         searchable = {n: space.candidates[n] for n in space.searchable}
         result = gumbel_search(copy.deepcopy(model), searchable, data.train, max_weight_bits=_cap(space),
                                settings=GumbelSettings(**fields), batch_size=data.batch_size, length=data.length,
-                               granularity=space.granularity, device=data.device)
+                               granularity=space.granularity, device=data.device, prototypes=data.prototypes)
         return _finish(space, dict(result.bits), dict(result.meta))
 
 

@@ -24,6 +24,8 @@ from collections.abc import Mapping
 
 import torch
 
+from nas.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 ENV_THREADS = "MPNAS_THREADS"
@@ -44,7 +46,7 @@ def usable_cores() -> int:
 def threads_per_job(jobs: int, cores: int | None = None) -> int:
     """``cores // jobs``, at least 1: the share of the cores one of ``jobs`` concurrent jobs gets."""
     if jobs < 1:
-        raise ValueError(f"concurrent jobs must be >= 1, got {jobs}")
+        raise UsageError(f"concurrent jobs must be >= 1, got {jobs}")
     return max(1, (usable_cores() if cores is None else cores) // jobs)
 
 
@@ -54,7 +56,7 @@ def _positive_int(name: str, value: str) -> int:
     except ValueError:
         number = 0
     if number < 1:
-        raise ValueError(f"{name}={value!r}: expected a positive integer (threads or jobs)")
+        raise UsageError(f"{name}={value!r}: expected a positive integer (threads or jobs)")
     return number
 
 
@@ -68,7 +70,7 @@ def resolve_threads(requested: int | None = None, *, jobs: int | None = None,
     env = os.environ if env is None else env
     if requested is not None:
         if requested < 1:
-            raise ValueError(f"--threads {requested}: expected a positive integer")
+            raise UsageError(f"--threads {requested}: expected a positive integer")
         return requested
     for name in (ENV_THREADS, "OMP_NUM_THREADS"):
         if env.get(name, "").strip():
@@ -83,5 +85,5 @@ def apply_threads(requested: int | None = None, *, jobs: int | None = None) -> i
     threads = resolve_threads(requested, jobs=jobs)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
-    log.info("torch CPU threads: %d (%d usable cores)", threads, usable_cores())
+    log.debug("torch CPU threads: %d (%d usable cores)", threads, usable_cores())
     return threads

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -37,15 +38,18 @@ from tqdm import tqdm
 
 from evaluators.perplexity import perplexity
 from nas.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
-from nas.config import ExperimentConfig, TrainSection
+from nas.config import ConfigError, ExperimentConfig, TrainSection
 from nas.data import Corpus, iter_stream_chunks, stream_batches, window_batches
 from nas.distill import Distiller
 from nas.distributed import DistInfo, barrier, dist_info_from_env, init_distributed, resolve_device, shutdown
+from nas.errors import CheckpointError, MpnasError
 from search_spaces.models import build_model, model_config_dict
 
+log = logging.getLogger(__name__)
 
-class TrainingDivergedError(RuntimeError):
-    """The loss or gradient norm became NaN or infinite."""
+
+class TrainingDivergedError(MpnasError, RuntimeError):
+    """The loss or gradient norm became NaN or infinite (the message says which setting to lower)."""
 
 
 class TrainingHooks:
@@ -128,22 +132,26 @@ def make_optimizer(cfg: TrainSection, params: Iterator[nn.Parameter]) -> torch.o
 
 
 def epoch_batches(exp: ExperimentConfig, corpus: Corpus, epoch: int, info: DistInfo,
-                  recurrent: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                  recurrent: bool, seed: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's ``(inputs, targets)`` batches for one epoch.
 
     The global batch is the configured ``batch_size``; each rank takes an equal slice of
-    it, so DDP's gradient average equals the single-process gradient.
+    it, so DDP's gradient average equals the single-process gradient. Context windows (a
+    Transformer's) are shuffled by ``seed`` and ``epoch``: ``seed`` is the seed of the section
+    being run (``train.seed``, or ``retrain.seed`` when retraining; default ``exp.train.seed``).
+    A recurrent model's BPTT chunks keep the corpus order whatever the seed.
     """
     batch = exp.data.batch_size
     if batch % info.world_size:
-        raise ValueError(f"{exp.source}: data.batch_size = {batch} is not divisible by the "
-                         f"{info.world_size} processes")
+        raise ConfigError(f"{exp.source}: data.batch_size = {batch} is not divisible by the "
+                          f"{info.world_size} processes")
     local = batch // info.world_size
     lo, hi = info.rank * local, (info.rank + 1) * local
     if recurrent:
         rows = stream_batches(corpus.train, batch, exp.data.bptt)
         return [(x[lo:hi], y[lo:hi]) for _, x, y in iter_stream_chunks(rows, exp.data.bptt)]
-    generator = torch.Generator().manual_seed(exp.train.seed * 100_003 + epoch)
+    seed = exp.train.seed if seed is None else seed
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     batches = window_batches(corpus.train, exp.data.context, batch, generator)
     # Drop a short last batch: every rank needs an equal, non-empty slice.
     return [(x[lo:hi], y[lo:hi]) for x, y in batches if x.size(0) == batch]
@@ -255,9 +263,9 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
         if ckpt.get("valid_tokens", valid_total) != select_tokens:
-            raise ValueError(f"{ckpt_path}: this run validated on {ckpt.get('valid_tokens', valid_total)} valid "
-                             f"tokens per epoch, the config now asks for {select_tokens} (valid_tokens = "
-                             f"{cfg.valid_tokens}); resume with the same valid_tokens or start a fresh run")
+            raise CheckpointError(f"{ckpt_path}: this run validated on {ckpt.get('valid_tokens', valid_total)} valid "
+                                  f"tokens per epoch, the config now asks for {select_tokens} (valid_tokens = "
+                                  f"{cfg.valid_tokens}); resume with the same valid_tokens or start a fresh run")
         clock.update(ckpt.get("seconds") or {})
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -270,7 +278,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
         if distiller is not None:
             distiller.load_state_dict(ckpt.get("distiller", {}), dev)
     elif resume and info.is_main:
-        print(f"no checkpoint at {ckpt_path}; starting from scratch")
+        log.info("no checkpoint at %s; starting from scratch", ckpt_path)
     net: nn.Module = DistributedDataParallel(model) if info.enabled else model
 
     def save(pos: Position, state: Any) -> None:
@@ -283,7 +291,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
                 "distiller": distiller.state_dict() if distiller is not None else None,
                 "lstm_state": None if state is None else [(h.cpu(), c.cpu()) for h, c in state]})
 
-    full_epoch_steps = len(epoch_batches(exp, corpus, 0, info, recurrent))
+    full_epoch_steps = len(epoch_batches(exp, corpus, 0, info, recurrent, cfg.seed))
     steps_per_epoch = full_epoch_steps
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -293,7 +301,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
     steps_done = position.global_step
     for epoch in range(position.epoch, cfg.epochs):
         tick = time.perf_counter()
-        batches = epoch_batches(exp, corpus, epoch, info, recurrent)[:steps_per_epoch]
+        batches = epoch_batches(exp, corpus, epoch, info, recurrent, cfg.seed)[:steps_per_epoch]
         clock["train"] += time.perf_counter() - tick
         start_step = position.step if epoch == position.epoch else 0
         if start_step == 0:
@@ -366,9 +374,9 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_count),
                         "valid_ppl": valid_ppl, "lr": lr, "tokens_per_s": epoch_tokens / max(seconds, 1e-9)})
         if info.is_main:
-            print(f"epoch {epoch + 1}: train ppl {math.exp(min(epoch_loss / max(1, epoch_count), 50)):.2f}"
-                  f"  valid ppl {valid_ppl:.2f}  lr {lr:.4g}  {epoch_tokens / max(seconds, 1e-9):.0f} tok/s",
-                  flush=True)
+            log.info("epoch %d: train ppl %.2f  valid ppl %.2f  lr %.4g  %.0f tok/s", epoch + 1,
+                     math.exp(min(epoch_loss / max(1, epoch_count), 50)), valid_ppl, lr,
+                     epoch_tokens / max(seconds, 1e-9))
         if valid_ppl < best_valid:
             best_valid = valid_ppl
             if info.is_main:

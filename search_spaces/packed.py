@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nas.errors import MpnasError
 from search_spaces.apply import quantize_all_
 from search_spaces.atomic import atomic_write_bytes
 from search_spaces.models import build_model, model_config_dict
@@ -60,7 +61,7 @@ _AFFINE_VERSION = 2  # first format with "affine" pieces
 _UNSIGNED = {8: np.dtype("<u1"), 16: np.dtype("<u2")}  # storage of affine codes by bit width
 
 
-class PackedFileError(ValueError):
+class PackedFileError(MpnasError):
     """A packed file is truncated, corrupted or not a packed file; the message names it."""
 
 

@@ -32,6 +32,7 @@ import yaml
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nas.errors import MpnasError
 from search_spaces.atomic import atomic_write_text
 from search_spaces.models.lstm_lm import GATES
 from search_spaces.quant import AFFINE_BITS, FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
@@ -41,6 +42,10 @@ LEFTOVER_BITS = (*AFFINE_BITS, FULL_PRECISION)  # allowed ``leftover_bits``; 32 
 # Row blocks of torch's fused recurrent weights, in torch's row order. Plain RNNs have one block.
 _RNN_GATES = {"LSTM": GATES, "GRU": ("reset_gate", "update_gate", "new_gate")}
 _KEYS = ("version", "granularity", "bits", "leftover_bits", "meta")
+
+
+class PrecisionMapError(MpnasError):
+    """A precision map that is malformed, unsupported or does not fit the model; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -211,12 +216,12 @@ def _freeze(value: Any, key: str) -> Any:
     if isinstance(value, Mapping):
         for k in value:
             if not isinstance(k, str):  # JSON would turn it into a string: no exact round trip
-                raise ValueError(f"key {key!r}: keys must be strings, got {k!r}")
+                raise PrecisionMapError(f"key {key!r}: keys must be strings, got {k!r}")
         return _FrozenMap({k: _freeze(v, f"{key}.{k}") for k, v in value.items()})
     if isinstance(value, list | tuple):
         return tuple(_freeze(v, f"{key}[{i}]") for i, v in enumerate(value))
-    raise ValueError(f"key {key!r}: {type(value).__name__} cannot be stored in YAML/JSON; use str, int, "
-                     "float, bool, None, lists or string-keyed dicts")
+    raise PrecisionMapError(f"key {key!r}: {type(value).__name__} cannot be stored in YAML/JSON; use str, int, "
+                            "float, bool, None, lists or string-keyed dicts")
 
 
 def _thaw(value: Any) -> Any:
@@ -246,7 +251,7 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise PrecisionMapError(f"duplicate key {key!r}")
         out[key] = value
     return out
 
@@ -274,28 +279,28 @@ class PrecisionMap:
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, Mapping):
-            raise ValueError(f"key 'bits' must be a mapping of cluster name to bit width, "
-                             f"got {type(self.bits).__name__}")
+            raise PrecisionMapError(f"key 'bits' must be a mapping of cluster name to bit width, "
+                                    f"got {type(self.bits).__name__}")
         frozen: dict[str, int] = {}
         for name, b in self.bits.items():
             if not isinstance(name, str) or not name:
-                raise ValueError(f"key 'bits': cluster names must be non-empty strings, got {name!r}")
+                raise PrecisionMapError(f"key 'bits': cluster names must be non-empty strings, got {name!r}")
             if isinstance(b, bool) or not isinstance(b, numbers.Integral):
-                raise ValueError(f"key 'bits.{name}' must be an int bit width, got {b!r} ({type(b).__name__})")
+                raise PrecisionMapError(f"key 'bits.{name}' must be an int bit width, got {b!r} ({type(b).__name__})")
             frozen[name] = int(b)
         if self.granularity not in GRANULARITIES:
-            raise ValueError(f"key 'granularity' is {self.granularity!r}; expected one of {GRANULARITIES}")
+            raise PrecisionMapError(f"key 'granularity' is {self.granularity!r}; expected one of {GRANULARITIES}")
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
-            raise ValueError(f"key 'version' must be an int >= 1, got {self.version!r}")
+            raise PrecisionMapError(f"key 'version' must be an int >= 1, got {self.version!r}")
         if self.version > FORMAT_VERSION:
-            raise ValueError(f"key 'version' is {self.version}, newer than this mpnas reads "
-                             f"({FORMAT_VERSION}); upgrade mpnas")
+            raise PrecisionMapError(f"key 'version' is {self.version}, newer than this mpnas reads "
+                                    f"({FORMAT_VERSION}); upgrade mpnas")
         if not isinstance(self.meta, Mapping):
-            raise ValueError(f"key 'meta' must be a mapping, got {type(self.meta).__name__}")
+            raise PrecisionMapError(f"key 'meta' must be a mapping, got {type(self.meta).__name__}")
         b = self.leftover_bits
         if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b not in LEFTOVER_BITS:
-            raise ValueError(f"key 'leftover_bits' is {b!r}; expected one of {LEFTOVER_BITS} "
-                             f"(32 keeps biases and norms in float32)")
+            raise PrecisionMapError(f"key 'leftover_bits' is {b!r}; expected one of {LEFTOVER_BITS} "
+                                    f"(32 keeps biases and norms in float32)")
         object.__setattr__(self, "leftover_bits", int(b))
         object.__setattr__(self, "bits", _FrozenMap(frozen))
         object.__setattr__(self, "meta", _freeze(self.meta, "meta"))
@@ -311,12 +316,12 @@ class PrecisionMap:
         ``leftover_bits`` is the width of the parameters outside the clusters (32 = float32).
         """
         if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-            raise ValueError(f"bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
+            raise PrecisionMapError(f"bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
         patterns = (keep_fp,) if isinstance(keep_fp, str) else tuple(keep_fp)
         names = list(find_clusters(model))
         unmatched = [p for p in patterns if not any(fnmatchcase(n, p) for n in names)]
         if unmatched:
-            raise ValueError(f"keep_fp patterns match no cluster: {unmatched}; clusters are {names}")
+            raise PrecisionMapError(f"keep_fp patterns match no cluster: {unmatched}; clusters are {names}")
         table = {n: FULL_PRECISION if any(fnmatchcase(n, p) for p in patterns) else int(bits) for n in names}
         return cls(table, granularity, meta={"strategy": "uniform"}, leftover_bits=leftover_bits)
 
@@ -342,7 +347,7 @@ class PrecisionMap:
         if invalid:
             problems.append(f"  invalid bit widths (expected one of {SUPPORTED_BITS}): {', '.join(invalid)}")
         if problems:
-            raise ValueError("precision map does not match the model:\n" + "\n".join(problems))
+            raise PrecisionMapError("precision map does not match the model:\n" + "\n".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (bits in map order) that :meth:`from_dict` reads back to an equal map."""
@@ -356,25 +361,25 @@ class PrecisionMap:
     def from_dict(cls, data: Any, source: str = "<dict>") -> PrecisionMap:
         """Build from :meth:`to_dict` output; ValueError names ``source`` and the offending key."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"{source}: a precision map must be a mapping, got {type(data).__name__}")
+            raise PrecisionMapError(f"{source}: a precision map must be a mapping, got {type(data).__name__}")
         # The version first: a newer file may legitimately have keys this version does not know.
         if "version" not in data:
-            raise ValueError(f"{source}: missing key 'version'")
+            raise PrecisionMapError(f"{source}: missing key 'version'")
         version = data["version"]
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-            raise ValueError(f"{source}: key 'version' is {version}, newer than this mpnas reads "
-                             f"({FORMAT_VERSION}); upgrade mpnas")
+            raise PrecisionMapError(f"{source}: key 'version' is {version}, newer than this mpnas reads "
+                                    f"({FORMAT_VERSION}); upgrade mpnas")
         unknown = [k for k in data if k not in _KEYS]
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; expected {list(_KEYS)}")
+            raise PrecisionMapError(f"{source}: unknown key(s) {unknown}; expected {list(_KEYS)}")
         if "bits" not in data:
-            raise ValueError(f"{source}: missing key 'bits'")
+            raise PrecisionMapError(f"{source}: missing key 'bits'")
         meta = data.get("meta", {})
         try:
             return cls(data["bits"], data.get("granularity", "matrix"), version, {} if meta is None else meta,
                        data.get("leftover_bits", FULL_PRECISION))
         except ValueError as exc:
-            raise ValueError(f"{source}: {exc}") from exc
+            raise PrecisionMapError(f"{source}: {exc}") from exc
 
     def to_yaml(self) -> str:
         """YAML text (bits in map order, i.e. model order for maps built from a model)."""
@@ -386,7 +391,7 @@ class PrecisionMap:
         try:
             data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
-            raise ValueError(f"{source}: not valid YAML ({exc})") from exc
+            raise PrecisionMapError(f"{source}: not valid YAML ({exc})") from exc
         return cls.from_dict(data, source)
 
     def to_json(self) -> str:
@@ -399,7 +404,7 @@ class PrecisionMap:
         try:
             data = json.loads(text, object_pairs_hook=_unique_pairs)
         except ValueError as exc:  # JSONDecodeError is a ValueError
-            raise ValueError(f"{source}: not valid JSON ({exc})") from exc
+            raise PrecisionMapError(f"{source}: not valid JSON ({exc})") from exc
         return cls.from_dict(data, source)
 
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -422,4 +427,4 @@ def _format_of(path: Path) -> str:
         return "yaml"
     if suffix == ".json":
         return "json"
-    raise ValueError(f"{path}: unknown precision map format {suffix!r}; expected .yaml, .yml or .json")
+    raise PrecisionMapError(f"{path}: unknown precision map format {suffix!r}; expected .yaml, .yml or .json")

@@ -58,6 +58,7 @@ from typing import Any
 
 from torch import nn
 
+from nas.errors import MpnasError
 from search_spaces.precision import LEFTOVER_BITS, PrecisionMap, find_clusters
 from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
 
@@ -82,7 +83,7 @@ def _model_size(model: nn.Module, precision_map: PrecisionMap) -> dict[str, floa
     return model_size(model, precision_map)
 
 
-class SpaceError(ValueError):
+class SpaceError(MpnasError):
     """A ``space`` / ``budget`` section is malformed; the message names the file and key."""
 
 

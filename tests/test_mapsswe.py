@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -128,17 +129,72 @@ def test_zero_variance() -> None:
 
 
 def test_trailing_insertions_of_b() -> None:
-    # sc_stats' loop ends with A's alignment, so B's trailing insertion is lost there
-    assert mapsswe(["a b"], ["a b"], ["a b z"]).segments == (Segment(0, 2, 0, 1),)
-    assert mapsswe(["a b"], ["a b"], ["a b z"], strict_sctk=True).segments == ()
-    # A's trailing insertion counts in both modes
+    # sc_stats' loop ends with A's alignment, but B's slots left over close a last segment
+    # running to the end of both alignments (SCTK mtchprs.c since 2007), in both modes
     for strict in (False, True):
+        assert mapsswe(["a b"], ["a b"], ["a b z"], strict_sctk=strict).segments == (Segment(0, 2, 0, 1),)
         assert mapsswe(["a b"], ["a b z"], ["a b"], strict_sctk=strict).segments == (Segment(0, 2, 1, 0),)
-    # empty reference: insertions only
-    assert mapsswe([""], [""], ["x y"]).segments == (Segment(0, 0, 0, 2),)
+        # an open error region of A at the end takes B's trailing insertion along
+        assert mapsswe(["a b c"], ["a b x"], ["a b c z"], strict_sctk=strict).segments == (Segment(0, 3, 1, 1),)
+        # empty reference: insertions only
+        assert mapsswe([""], [""], ["x y"], strict_sctk=strict).segments == (Segment(0, 0, 0, 2),)
 
 
-def test_default_mode_is_antisymmetric() -> None:
+# Reference, system A, system B; scored by sclite and sc_stats built from usnistgov/SCTK
+# (src/sclite, mtchprs.c as in 2.4.10-2.4.12) with the "Segment size Report" block of
+# evaluate_SEG switched on:
+#   sclite -r ref.trn trn -h A.trn trn A -i spu_id -o sgml; (same for B)
+#   cat A.trn.sgml B.trn.sgml | sc_stats -p -t mapsswe -v -n out
+SC_STATS_CASES = [
+    ("e e", "e e", "e e"),
+    ("f g b b", "y f g b b", "x f z b b y"),
+    ("b c f d", "b c f d", "c f d"),
+    ("b f g e c c", "z b f g x c", "b y y x e x y c y"),
+    ("d d d g e d f", "z d d g e d", "y d g e d z"),
+    ("f d c", "f d c", "f z d c y"),
+    ("f f a a", "f f x a", "f x f a a z"),
+    ("d c", "d c z", "x c"),
+    ("f b a f d", "z z a f x z", "y a f d"),
+    ("b c g", "b g", "b x"),
+    ("g", "g", "g x"),
+    ("a", "z", ""),
+    ("a c d", "a c d", "a c d"),
+    ("d a c f d", "d y c f d", "d a c z d y"),
+    ("g", "x g x y", "g"),
+    ("g g a", "a y", "g a"),
+    ("e", "e", "e"),
+    ("c c e d", "z e d z", "c c e d"),
+    ("e f g b", "e f z b", "e y y x b"),
+    ("d f e b d e", "z f y x d e", "d f e y e"),
+    ("g c a", "g c y a z", "y c"),
+    ("c a e f c", "c a e x z", "c y a e f z z"),
+    ("f f f", "f f f z", "f f f x z"),
+    ("g e c c d d", "g e c d x", "g x c c d d y"),
+]
+# sc_stats' segments (#ref, errors A, errors B) in order, and its
+# "MTCH_PR_RESULTS ... (# segs: 28) (mean: -0.214) (std dev: 1.315) (Z Stat: -0.862) (Stat Diff: No)"
+SC_STATS_SEGMENTS = [
+    (4, 1, 2), (2, 0, 1), (3, 0, 1), (6, 3, 6), (4, 1, 2), (3, 1, 1), (3, 0, 1), (2, 0, 1), (4, 1, 2),
+    (2, 1, 1), (4, 2, 2), (3, 2, 0), (3, 1, 2), (1, 0, 1), (1, 1, 1), (5, 1, 2), (1, 3, 0), (3, 3, 1),
+    (4, 2, 0), (2, 1, 0), (4, 1, 3), (6, 3, 2), (3, 2, 2), (3, 0, 1), (4, 2, 2), (2, 1, 2), (5, 1, 1),
+    (3, 1, 1),
+]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_segments_match_sc_stats(strict: bool) -> None:
+    refs, hyps_a, hyps_b = (list(col) for col in zip(*SC_STATS_CASES, strict=True))
+    result = mapsswe(refs, hyps_a, hyps_b, strict_sctk=strict)
+    assert [(s.ref_words, s.errors_a, s.errors_b) for s in result.segments] == SC_STATS_SEGMENTS
+    assert sum(s.ref_words for s in result.segments) == 90  # sc_stats' "Totals 90 35 41"
+    assert result.mean_diff == pytest.approx(-0.214, abs=5e-4)
+    assert result.std == pytest.approx(1.315, abs=5e-4)
+    assert result.statistic == pytest.approx(-0.862, abs=5e-4)
+    assert not result.significant
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_segmentation_is_antisymmetric(strict: bool) -> None:
     rng = random.Random(7)
     refs, hyps_a, hyps_b = [], [], []
     for _ in range(60):
@@ -149,7 +205,7 @@ def test_default_mode_is_antisymmetric() -> None:
             if rng.random() < 0.3:
                 hyp.append("z")
             hyps.append(hyp)
-    ab, ba = mapsswe(refs, hyps_a, hyps_b), mapsswe(refs, hyps_b, hyps_a)
+    ab, ba = mapsswe(refs, hyps_a, hyps_b, strict_sctk=strict), mapsswe(refs, hyps_b, hyps_a, strict_sctk=strict)
     assert [(s.utterance, s.errors_a, s.errors_b) for s in ab.segments] == [
         (s.utterance, s.errors_b, s.errors_a) for s in ba.segments]
     assert ab.statistic == pytest.approx(-ba.statistic)
@@ -166,3 +222,28 @@ def test_input_checks() -> None:
         mapsswe(["a"], ["a"], ["a"], alpha=1.5)
     with pytest.raises(ValueError, match="different reference words"):
         mapsswe_alignments([align("a b", "a b")], [align("a c", "a c")])
+
+
+SWBD = Path(__file__).resolve().parents[1].parent / "shared/data/nbest/hyporadise/test_swbd.json"
+
+
+@pytest.mark.skipif(not SWBD.is_file(), reason="HyPoradise SWBD lists not found at ../shared/data/nbest/hyporadise")
+@pytest.mark.parametrize("strict", [False, True])
+def test_swbd_matches_sc_stats(strict: bool) -> None:
+    """SWBD 5-best lists, top-1 (A) vs second hypothesis (B), default Normalizer. sc_stats (SCTK source, as
+    above) on the same transcripts: "(# segs: 3401) (mean: -0.067) (std dev: 0.975) (Z Stat: -4.029)"; the
+    same with the systems swapped, Z = 4.029. (The old strict mode dropped B's trailing insertions: 3391, 3388.)"""
+    from evaluators.nbest import read_hyporadise
+    from evaluators.normalize import Normalizer
+
+    norm = Normalizer()
+    lists = read_hyporadise(SWBD)
+    refs = [norm(nb.reference) for nb in lists]
+    top = [norm(nb.hypotheses[0]) for nb in lists]
+    second = [norm(nb.hypotheses[min(1, len(nb.hypotheses) - 1)]) for nb in lists]
+    for a, b, sign in ((top, second, -1), (second, top, 1)):
+        result = mapsswe(refs, a, b, strict_sctk=strict)
+        assert result.n_segments == 3401
+        assert result.mean_diff == pytest.approx(sign * 0.067, abs=5e-4)
+        assert result.std == pytest.approx(0.975, abs=5e-4)
+        assert result.statistic == pytest.approx(sign * 4.029, abs=5e-4)

@@ -307,3 +307,36 @@ def test_stages_one_by_one_with_a_given_map(full_run: tuple[Path, list[str]], co
     assert row["precision"] == "search/nni_b8/precision.yaml"
     assert set(json.loads((tmp_path / "trial" / "state.json").read_text())) == {
         "fp", "search/nni_b8", "retrain/nni_b8", "eval/nni_b8"}
+
+
+def test_pipeline_with_prototypes(tmp_path: Path, corpus_dir: Path) -> None:
+    """pipeline.prototypes builds one prototype per width, kl and hessian score on them, retraining
+    inherits them; a rerun is up to date; a changed retrain recipe rebuilds them."""
+    raw = {**TINY, "retrain": {**TINY["retrain"], "init": "inherited"}, "space": {"bits": [1, 2, 4]},
+           "search": {**TINY["search"], "hessian_batches": 1, "hessian_max_iters": 40},
+           "pipeline": {"strategies": ["kl", "hessian"], "budgets": [2], "prototypes": True}}
+    config = _write_config(tmp_path, raw)
+    lines: list[str] = []
+    run_pipeline(config, tmp_path / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml", log=lines.append)
+    index = json.loads((tmp_path / "run" / "prototypes" / "prototypes.json").read_text())
+    assert sorted(index["prototypes"]) == ["1", "2", "4"]
+    for strategy in ("kl", "hessian"):
+        meta = PrecisionMap.load(tmp_path / "run" / "search" / f"{strategy}_b2" / "precision.yaml").meta
+        assert meta["sensitivity"] == "prototype"
+    uniform = PrecisionMap.load(tmp_path / "run" / "search" / "uniform_b2" / "precision.yaml")
+    assert uniform.meta["strategy"] == "uniform"
+    assert "prototypes" in _ran(lines)
+    again: list[str] = []
+    run_pipeline(config, tmp_path / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml", log=again.append)
+    assert _ran(again) == set()
+    changed = _write_config(tmp_path, {**raw, "retrain": {**raw["retrain"], "lr": 0.005}})
+    third: list[str] = []
+    run_pipeline(changed, tmp_path / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml", log=third.append)
+    assert {"prototypes", "search/kl_b2", "search/hessian_b2", "retrain/kl_b2"} <= _ran(third)
+
+
+def test_inherited_init_needs_pipeline_prototypes(tmp_path: Path, corpus_dir: Path) -> None:
+    raw = {**TINY, "retrain": {**TINY["retrain"], "init": "inherited"}}
+    with pytest.raises(ConfigError, match="set pipeline.prototypes: true"):
+        run_pipeline(_write_config(tmp_path, raw), tmp_path / "run", data=corpus_dir, command="x")
+    assert not (tmp_path / "run").exists()

@@ -156,3 +156,65 @@ def test_inherited_init_refuses_prototypes_of_another_checkpoint(fp_run: tuple[P
     torch.save(ckpt, other)
     with pytest.raises(PrototypeError, match="made from another FP checkpoint"):
         inherited_state(other, load_checkpoint(other), PrecisionMap.uniform(model, 2), tmp_path / "p")
+
+
+@pytest.mark.parametrize("strategy", ["kl", "hessian"])
+def test_search_on_prototypes(strategy: str, fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """`mpnas search --prototypes` rates widths by the prototypes: other scores, its own cache, meta says so."""
+    corpus_dir, fp = fp_run
+    build_prototypes(parse_config(EXP), load_corpus(corpus_dir), fp, [1, 2, 4], tmp_path / "p")
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({**EXP, "budget": {"avg_bits": 2.0},
+                                      "search": {"kl_tokens": 200, "hessian_batches": 1, "hessian_max_iters": 40}}))
+    common = ["search", str(config), "--checkpoint", str(fp), "--data", str(corpus_dir), "--strategy", strategy,
+              "--cache", str(tmp_path / "cache"), "--threads", "1"]
+    assert main([*common, "--out", str(tmp_path / "fp.yaml")]) == 0
+    assert main([*common, "--out", str(tmp_path / "proto.yaml"), "--prototypes", str(tmp_path / "p")]) == 0
+    fp_map, proto_map = PrecisionMap.load(tmp_path / "fp.yaml"), PrecisionMap.load(tmp_path / "proto.yaml")
+    assert fp_map.meta["sensitivity"] == "fp" and proto_map.meta["sensitivity"] == "prototype"
+    assert not proto_map.meta["scores_cached"]  # not the FP-mode table from the cache
+    assert proto_map.meta["scores"] != fp_map.meta["scores"]
+    assert len(list((tmp_path / "cache").glob(f"scores_{strategy}_*.json"))) == 2
+
+
+def test_supernet_over_prototypes_mixes_the_prototype_weights() -> None:
+    """Prototype mode: W_mix = sum_b pi_b P_b with constant P_b (W itself only as the 32-bit candidate)."""
+    from nas.gumbel import GumbelSupernet
+    from search_spaces.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lstm", vocab_size=20, embed_dim=6, hidden_dim=6, num_layers=1)
+    clusters = find_clusters(model)
+    protos = {b: {n: torch.randn(c.shape) for n, c in clusters.items()} for b in (1, 2)}
+    candidates = {n: (1, 2) for n in clusters}
+    candidates["decoder"] = (1, 2, 32)
+    net = GumbelSupernet(model, candidates, prototypes=protos)
+    with torch.no_grad():
+        for logits in net.arch_parameters():
+            logits.copy_(torch.randn(logits.shape))
+    mixed = net.mixed_weights(1.0, None)
+    for name, cluster in clusters.items():
+        pi = net.logits[net._key(name)].softmax(0)
+        parts = [protos[1][name], protos[2][name]] + ([cluster_weight(model, cluster)] if name == "decoder" else [])
+        expected = sum(p * t for p, t in zip(pi, parts, strict=True))
+        key = f"{cluster.module}.{cluster.param}"
+        torch.testing.assert_close(mixed[key], expected)
+    tokens = torch.randint(0, 20, (5, 2))
+    net(tokens, None, tokens).loss.backward()
+    assert model.embedding.weight.grad is None  # only prototypes: no gradient to the latent weight
+    assert model.decoder.weight.grad is not None  # its 32-bit candidate is the live weight
+    assert all(p.grad is not None for p in net.arch_parameters())
+    with pytest.raises(ValueError, match="no 4-bit prototype for cluster"):
+        GumbelSupernet(model, {n: (2, 4) for n in clusters}, prototypes=protos)
+
+
+def test_gumbel_search_on_prototypes(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    corpus_dir, fp = fp_run
+    build_prototypes(parse_config(EXP), load_corpus(corpus_dir), fp, [1, 2, 4], tmp_path / "p")
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump({**EXP, "budget": {"avg_bits": 2.0}, "search": {"epochs": 0.2}}))
+    assert main(["search", str(config), "--checkpoint", str(fp), "--data", str(corpus_dir), "--strategy", "gumbel",
+                 "--out", str(tmp_path / "g.yaml"), "--prototypes", str(tmp_path / "p"), "--threads", "1"]) == 0
+    found = PrecisionMap.load(tmp_path / "g.yaml")
+    assert found.meta["supernet"] == "prototype"
+    assert set(found.bits.values()) <= {1, 2, 4}

@@ -65,6 +65,86 @@ def test_resume_ends_with_the_same_weights(raw: dict, where: str, tiny_corpus_di
     assert straight["history"][-1]["valid_ppl"] == resumed["history"][-1]["valid_ppl"]
 
 
+def test_fp_batch_order_is_unchanged(tiny_corpus_dir: Path) -> None:
+    """FP training shuffles Transformer windows exactly as before retrain.seed took over retraining's
+    order: by train.seed and the epoch (so the committed reference checkpoints stay reproducible)."""
+    from nas.data import window_batches
+
+    corpus = load_corpus(tiny_corpus_dir)
+    exp = parse_config(TRANSFORMER)
+    for epoch in (0, 1):
+        expected = window_batches(corpus.train, 16, 4, torch.Generator().manual_seed(3 * 100_003 + epoch))
+        got = epoch_batches(exp, corpus, epoch, DistInfo(), recurrent=False)
+        assert len(got) == len([x for x, _ in expected if x.size(0) == 4])
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(got, expected, strict=False))
+
+
+def _retrain_first_batches(corpus_dir: Path, fp: Path, out: Path, seed: int,
+                           monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The inputs of every batch a Transformer retraining with ``retrain.seed: seed`` shuffles."""
+    import nas.data
+    import nas.train
+    from nas.retrain import retrain
+    from search_spaces.models import build_model
+    from search_spaces.precision import PrecisionMap
+
+    seen: list[torch.Tensor] = []
+    real = nas.data.window_batches
+
+    def spy(*args: object, **kwargs: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batches = real(*args, **kwargs)
+        seen.append(torch.cat([x for x, _ in batches]))
+        return batches
+
+    monkeypatch.setattr(nas.train, "window_batches", spy)
+    raw = {**TRANSFORMER, "retrain": {"method": "ste", "optimizer": "adam", "lr": 1e-3, "schedule": "constant",
+                                      "epochs": 2, "max_steps_per_epoch": 2, "seed": seed}}
+    exp = parse_config(raw)
+    corpus = load_corpus(corpus_dir)
+    config = dict(load_checkpoint(fp)["config"])
+    precision = PrecisionMap.uniform(build_model(config.pop("type"), **config), 4)
+    retrain(exp, corpus, fp, precision, out, method="ste", progress=False)
+    return seen
+
+
+def test_retrain_seed_drives_the_batch_order(tiny_corpus_dir: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = {**TRANSFORMER, "train": {**TRANSFORMER["train"], "epochs": 1, "max_steps_per_epoch": 2}}
+    train(parse_config(raw), load_corpus(tiny_corpus_dir), tmp_path / "fp", progress=False)
+    fp = tmp_path / "fp" / "best.pt"
+    one = _retrain_first_batches(tiny_corpus_dir, fp, tmp_path / "a", 1, monkeypatch)
+    again = _retrain_first_batches(tiny_corpus_dir, fp, tmp_path / "b", 1, monkeypatch)
+    other = _retrain_first_batches(tiny_corpus_dir, fp, tmp_path / "c", 2, monkeypatch)
+    assert len(one) == len(again) == len(other) >= 2  # the epoch length, then one order per epoch
+    assert all(torch.equal(a, b) for a, b in zip(one, again, strict=True))  # same seed: same order
+    assert not torch.equal(one[1], other[1])  # another retrain.seed: another order
+
+
+def test_retrain_with_its_own_seed_resumes_exactly(tiny_corpus_dir: Path, tmp_path: Path) -> None:
+    """A Transformer retrained with retrain.seed != train.seed, killed mid-epoch, resumes to the same weights."""
+    from nas.retrain import retrain
+    from search_spaces.models import build_model
+    from search_spaces.precision import PrecisionMap
+
+    corpus = load_corpus(tiny_corpus_dir)
+    raw = {**TRANSFORMER, "train": {**TRANSFORMER["train"], "epochs": 1, "max_steps_per_epoch": 2},
+           "retrain": {"method": "ste", "optimizer": "adam", "lr": 1e-3, "schedule": "constant", "epochs": 2,
+                       "max_steps_per_epoch": 4, "seed": 5}}
+    exp = parse_config(raw)
+    train(exp, corpus, tmp_path / "fp", progress=False)
+    fp = tmp_path / "fp" / "best.pt"
+    config = dict(load_checkpoint(fp)["config"])
+    precision = PrecisionMap.uniform(build_model(config.pop("type"), **config), 4)
+    retrain(exp, corpus, fp, precision, tmp_path / "straight", method="ste", progress=False)
+    first = retrain(exp, corpus, fp, precision, tmp_path / "resumed", method="ste", progress=False,
+                    stop_after_steps=6)
+    assert first["stopped_early"] and first["position"]["epoch"] == 1
+    retrain(exp, corpus, fp, precision, tmp_path / "resumed", method="ste", progress=False, resume=True)
+    for name in ("checkpoint.pt", "best.pt"):
+        assert _states_equal(load_checkpoint(tmp_path / "straight" / name)["model"],
+                             load_checkpoint(tmp_path / "resumed" / name)["model"]), name
+
+
 def test_divergence_stops_with_a_clear_message(tiny_corpus_dir: Path, tmp_path: Path) -> None:
     raw = {**LSTM, "train": {**LSTM["train"], "lr": 1e30, "clip": 0.0}}
     with pytest.raises(TrainingDivergedError, match=r"training diverged at epoch 1.*lr=1e\+30\)\. Lower train\.lr"):

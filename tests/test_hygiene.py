@@ -1,0 +1,88 @@
+"""Library conventions: no printing outside the CLI entry points, one base class for user errors,
+and runtime dependencies that the library really imports."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LIBRARY = ("nas", "evaluators", "search_spaces")
+# Modules whose job is the command line's output, and the CLI entry functions of other modules.
+CLI_MODULES = {"nas/cli.py", "nas/nbest_cli.py", "nas/search_cli.py", "nas/report_cli.py"}
+CLI_FUNCTIONS = {("nas/pipeline.py", "cmd_pipeline"), ("nas/nni_launcher.py", "cmd_nni"),
+                 ("nas/nni_launcher.py", "_print_summary"), ("nas/nni_trial.py", "main")}
+
+
+def _library_files() -> list[Path]:
+    return sorted(p for package in LIBRARY for p in (REPO / package).rglob("*.py"))
+
+
+def _prints(path: Path) -> list[tuple[str, int]]:
+    """(enclosing top-level function or '<module>', line) of every ``print(...)`` call in ``path``."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for top in tree.body:
+        name = top.name if isinstance(top, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) else "<module>"
+        for node in ast.walk(top):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                found.append((name, node.lineno))
+    return found
+
+
+def test_library_code_logs_instead_of_printing() -> None:
+    offenders = []
+    for path in _library_files():
+        rel = path.relative_to(REPO).as_posix()
+        if rel in CLI_MODULES:
+            continue
+        offenders += [f"{rel}:{line} ({where})" for where, line in _prints(path) if (rel, where) not in CLI_FUNCTIONS]
+    assert not offenders, "print() in library code; use log = logging.getLogger(__name__):\n" + "\n".join(offenders)
+
+
+def test_training_reports_epochs_through_logging(tiny_corpus_dir: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from nas.config import parse_config
+    from nas.data import load_corpus
+    from nas.train import train
+
+    exp = parse_config({"model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
+                        "data": {"batch_size": 4, "bptt": 8}, "train": {"epochs": 1, "max_steps_per_epoch": 3}})
+    with caplog.at_level(logging.INFO, logger="nas.train"):
+        train(exp, load_corpus(tiny_corpus_dir), tmp_path / "run", progress=False)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nas.train" and r.levelno == logging.INFO]
+    assert any(line.startswith("epoch 1: train ppl ") for line in lines), lines
+
+
+def test_user_errors_share_one_base_class() -> None:
+    from evaluators.nbest import NBestError
+    from evaluators.report import ReportError
+    from nas.data import DataError
+    from nas.errors import CheckpointError, MpnasError, UsageError
+    from nas.pipeline import PipelineError
+    from nas.prototypes import PrototypeError
+    from nas.train import TrainingDivergedError
+    from search_spaces.packed import PackedFileError
+    from search_spaces.precision import PrecisionMapError
+
+    for kind in (UsageError, CheckpointError, DataError, PackedFileError, PrecisionMapError, PrototypeError,
+                 PipelineError, NBestError, ReportError, TrainingDivergedError):
+        assert issubclass(kind, MpnasError) and issubclass(kind, ValueError), kind
+    assert issubclass(TrainingDivergedError, RuntimeError)  # as before
+
+
+def test_pandas_is_not_a_runtime_dependency() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    runtime = [req.split(">")[0].split("=")[0].strip().lower() for req in project["dependencies"]]
+    assert "pandas" not in runtime
+    assert any(req.startswith("pandas") for req in project["optional-dependencies"]["dev"])
+    for path in _library_files():  # nor imported by the library
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "pandas" for n in names), path
