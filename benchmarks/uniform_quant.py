@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=20)
     parser.add_argument("--data")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--tag", help="suffix of the rows' method name (e.g. a recipe variant given by --config), "
+                        "so that they do not replace the plain method's rows")
     args = parser.parse_args()
     configure_logging()  # the library's progress lines (epochs) on stdout
     if args.threads:
@@ -188,7 +190,7 @@ def main() -> None:
             packed = out / "model.mpq"
             export_packed(quantized, precision, packed)
             ratio = measure_ratio(row_exp, corpus, ckpt, precision, base, args.timing_steps)
-            row = {"model": f"ptb_{args.model}", "method": method, "bits": bits,
+            row = {"model": f"ptb_{args.model}", "method": f"{method}_{args.tag}" if args.tag else method, "bits": bits,
                    "epochs": epochs_run(args, steps_per_epoch), "avg_bits": f"{metrics['avg_bits']:.3f}",
                    "theoretical_bytes": int(metrics["theoretical_bytes"]),
                    "packed_bytes": packed.stat().st_size, "compression": f"{metrics['compression']:.2f}",
