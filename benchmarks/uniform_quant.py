@@ -79,7 +79,8 @@ def epochs_run(args: argparse.Namespace, steps_per_epoch: int | None = None) -> 
 
 def run_dir(args: argparse.Namespace, method: str, bits: int) -> Path:
     """Where one row's run lives (resumed when present): per config, so recipes never share a run."""
-    return HERE / "checkpoints" / f"{args.model}_uniform" / Path(args.config).stem / f"{method}_{bits}"
+    tag = f"_{args.tag}" if getattr(args, "tag", None) else ""
+    return HERE / "checkpoints" / f"{args.model}_uniform" / Path(args.config).stem / f"{method}_{bits}{tag}"
 
 
 def run_nni_peer(args: argparse.Namespace, method: str, bits: int, fp_path: Path,
