@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import shlex
 import shutil
 import signal
@@ -42,6 +43,7 @@ from typing import Any
 
 import yaml
 
+from evaluators.size import model_size
 from nas.checkpoint import atomic_write_json, atomic_write_text
 from nas.config import ConfigError, ExperimentConfig, load_config, resolve_config_path
 from nas.data import Corpus, load_corpus, resolve_data_dir
@@ -63,6 +65,7 @@ from nas.stages import (
     train_fp,
 )
 from nas.strategies import settings_used
+from search_spaces.packed import load_packed
 from search_spaces.precision import PrecisionMap
 
 logger = logging.getLogger(__name__)  # ``log`` is the stage-line callback of Pipeline
@@ -232,6 +235,42 @@ class Pipeline:
             self.exp, self.corpus, self.fp_checkpoint, widths, self.prototype_dir, method=self.method,
             device=self.device, checkpoint_every=self.checkpoint_every))
 
+    def prototype_points(self) -> list[Point]:
+        """One result row per prototype (strategy ``prototype``, budget = its width), when built."""
+        return [Point("prototype", float(b)) for b in self.prototype_widths()] if self.exp.pipeline.prototypes else []
+
+    def evaluate_prototypes(self) -> None:
+        """``eval/prototype_b<B>.json``: each prototype as a uniform point of the report.
+
+        The perplexities are the prototype run's whole-split measurement of its ``best.pt``,
+        which the packed file holds bit for bit (retraining ends on its table); sizes come from
+        the packed file.
+        """
+        from nas.prototypes import INDEX, prototype_file, read_index
+
+        for point in self.prototype_points():
+            bits = int(point.budget)
+            packed = prototype_file(self.prototype_dir, bits)
+            out = self.run / "eval" / f"{point.label}.json"
+            inputs = {"label": point.label, "packed": self._content_hash(packed, file_sha256),
+                      "index": self._content_hash(self.prototype_dir / INDEX, file_sha256), "model": self.model_name}
+
+            def write(packed: Path = packed, point: Point = point, bits: int = bits, out: Path = out) -> None:
+                entry = read_index(self.prototype_dir)["prototypes"][str(bits)]
+                model, precision = load_packed(packed)
+                size = model_size(model, precision)
+                map_file = packed.with_suffix(".yaml")  # the report reads each row's map (bits plot)
+                precision.save(map_file)
+                atomic_write_json(out, {
+                    "model": self.model_name, "strategy": point.strategy, "budget": point.budget,
+                    "avg_bits": size["avg_bits"], "theoretical_bytes": math.ceil(size["theoretical_bytes"]),
+                    "packed_bytes": packed.stat().st_size, "compression": size["compression"],
+                    "valid_ppl": entry["valid_ppl"], "test_ppl": entry["test_ppl"], "wer": None,
+                    "search_s": None, "retrain_s": None,
+                    "precision": str(map_file.relative_to(self.run))})
+
+            self._stage(f"eval/{point.label}", inputs, [out], None, write)
+
     def _prototype_inputs(self) -> dict[str, Any]:
         from nas.prototypes import INDEX
 
@@ -382,16 +421,17 @@ def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data
     pipe = Pipeline(exp, run_dir, corpus, checkpoint=None if checkpoint is None else Path(checkpoint),
                     device=device, checkpoint_every=checkpoint_every, log=log)
     points = plan_points(exp.pipeline)
-    pipe.total = 2 + int(exp.pipeline.prototypes) + 3 * len(points) + int(report)
+    pipe.total = 2 + int(exp.pipeline.prototypes) + len(pipe.prototype_points()) + 3 * len(points) + int(report)
     pipe.fp()
     pipe.evaluate_fp()
     if exp.pipeline.prototypes:
         pipe.prototypes()
+        pipe.evaluate_prototypes()
     for stage in (pipe.search, pipe.retrain, pipe.evaluate):
         for point in points:
             stage(point)
     if prune:
-        pipe.prune(points)
+        pipe.prune(points + pipe.prototype_points())
     if report:
         pipe.report()
     return read_rows(run_dir)

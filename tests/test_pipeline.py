@@ -326,6 +326,12 @@ def test_pipeline_with_prototypes(tmp_path: Path, corpus_dir: Path) -> None:
     uniform = PrecisionMap.load(tmp_path / "run" / "search" / "uniform_b2" / "precision.yaml")
     assert uniform.meta["strategy"] == "uniform"
     assert "prototypes" in _ran(lines)
+    rows = {row["strategy"] + str(row["budget"]): row for row in read_rows(tmp_path / "run")}
+    for bits in (1, 2, 4):  # each prototype is a point of the report, at its own size
+        row = rows[f"prototype{float(bits)}"]
+        assert row["avg_bits"] == pytest.approx(bits) and row["test_ppl"] == pytest.approx(
+            index["prototypes"][str(bits)]["test_ppl"])
+    assert (tmp_path / "run" / "report" / "results.csv").read_text().count("prototype") == 3
     again: list[str] = []
     run_pipeline(config, tmp_path / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml", log=again.append)
     assert _ran(again) == set()
