@@ -52,7 +52,8 @@ class AdmmHooks(SteHooks):
 
     def __init__(self, model: nn.Module, precision: PrecisionMap, *, rho: float = 1e-3, rho_growth: float = 1.0,
                  rho_max: float = 1.0, project_every: int = 200, project_every_epochs: float = 0.0,
-                 forward: str = "quantized", learn_scales: bool = False, scale_lr: float = 1e-3) -> None:
+                 forward: str = "quantized", learn_scales: bool = False, scale_lr: float = 1e-3,
+                 ste_clip: bool = False) -> None:
         if forward not in FORWARDS:
             raise ValueError(f"ADMM forward must be one of {FORWARDS}, got {forward!r}")
         if learn_scales and forward != "quantized":
@@ -63,7 +64,7 @@ class AdmmHooks(SteHooks):
                              f"project_every_epochs >= 0; got rho={rho}, rho_growth={rho_growth}, rho_max={rho_max}, "
                              f"project_every={project_every}, project_every_epochs={project_every_epochs}")
         super().__init__(model, precision, rescale_every=project_every, rescale_every_epochs=project_every_epochs,
-                         learn_scales=learn_scales, scale_lr=scale_lr)
+                         learn_scales=learn_scales, scale_lr=scale_lr, ste_clip=ste_clip)
         self.rho0, self.rho, self.rho_growth, self.rho_max = rho, rho, rho_growth, rho_max
         self.forward = forward
         views = self.q.views(model)

@@ -104,6 +104,9 @@ class RetrainSection(TrainSection):
     # scale_lr instead of re-solving every period. STE and ADMM (quantized forward).
     learn_scales: bool = False
     scale_lr: float = 1e-3
+    # the clipped straight-through estimator of LSQ: no gradient for weights beyond the table's
+    # range (|W/alpha| > qmax); default: the identity estimator (every weight gets its gradient)
+    ste_clip: bool = False
     # Where each quantized cluster starts: "fp" (the FP checkpoint's weights) or "inherited" (its
     # weights in the uniform prototype of the cluster's width; `mpnas prototypes`, nas/prototypes.py)
     init: str = "fp"

@@ -84,6 +84,8 @@ def section_inputs(section: Any) -> dict[str, Any]:
     if values.get("learn_scales") is False:
         del values["learn_scales"]
         values.pop("scale_lr", None)
+    if values.get("ste_clip") is False:
+        del values["ste_clip"]
     if values.get("init") == "fp":
         del values["init"]
     return values

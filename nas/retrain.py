@@ -60,10 +60,11 @@ def make_hooks(cfg: RetrainSection, precision: PrecisionMap, method: str) -> Any
         if method == "admm":
             return AdmmHooks(model, precision, rho=cfg.rho, rho_growth=cfg.rho_growth, rho_max=cfg.rho_max,
                              project_every=cfg.project_every, project_every_epochs=cfg.project_every_epochs,
-                             forward=cfg.admm_forward, learn_scales=cfg.learn_scales, scale_lr=cfg.scale_lr)
+                             forward=cfg.admm_forward, learn_scales=cfg.learn_scales, scale_lr=cfg.scale_lr,
+                             ste_clip=cfg.ste_clip)
         return SteHooks(model, precision, rescale_every=cfg.project_every,
                         rescale_every_epochs=cfg.project_every_epochs, learn_scales=cfg.learn_scales,
-                        scale_lr=cfg.scale_lr)
+                        scale_lr=cfg.scale_lr, ste_clip=cfg.ste_clip)
 
     return build
 

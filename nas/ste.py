@@ -116,11 +116,14 @@ class SteHooks(TrainingHooks):
     """
 
     def __init__(self, model: nn.Module, precision: PrecisionMap, *, rescale_every: int = 200,
-                 rescale_every_epochs: float = 0.0, learn_scales: bool = False, scale_lr: float = 1e-3) -> None:
+                 rescale_every_epochs: float = 0.0, learn_scales: bool = False, scale_lr: float = 1e-3,
+                 ste_clip: bool = False) -> None:
         if rescale_every < 1 or rescale_every_epochs < 0 or not scale_lr > 0:
             raise ValueError(f"need rescale_every >= 1, rescale_every_epochs >= 0 and scale_lr > 0, got "
                              f"{rescale_every}, {rescale_every_epochs} and {scale_lr}")
         self.learn_scales, self.scale_lr = learn_scales, scale_lr
+        # LSQ's weight gradient: none for weights beyond the table's range (|W/alpha| > qmax)
+        self.ste_clip = ste_clip
         self.log_alpha: dict[str, torch.Tensor] = {}
         self.scale_optimizer: torch.optim.Adam | None = None
         # from a checkpoint, until the optimizer exists at the next forward
@@ -198,9 +201,23 @@ class SteHooks(TrainingHooks):
             log_alpha.grad = (d_alpha * alpha).to(log_alpha.device)
 
     @torch.no_grad()
+    def _clip_gradients(self, model: nn.Module) -> None:
+        """Zero the gradient of weights outside their table's range (the clipped straight-through estimator)."""
+        for name, grad in self.q.grads(model).items():
+            if grad is None:
+                continue
+            alpha = self.alpha[name].to(grad.device, torch.float32)
+            ratio = self.latent[name].to(torch.float32) / torch.where(alpha > 0, alpha, torch.ones_like(alpha))
+            grad.mul_((ratio.abs() <= qmax(self.q.bits(name))).to(grad.dtype))
+
+    @torch.no_grad()
     def before_step(self, model: nn.Module) -> None:
-        if self.learn_scales and self.scale_optimizer is not None and self.latent:
-            self._scale_gradients(model)
+        learning = self.learn_scales and self.scale_optimizer is not None and self.latent
+        if learning:
+            self._scale_gradients(model)  # from the full gradient, before any clipping
+        if self.ste_clip and self.latent:
+            self._clip_gradients(model)  # with the scales the forward used, before they move
+        if learning:
             self.scale_optimizer.step()
             self.scale_optimizer.zero_grad(set_to_none=True)
             self.alpha = {n: la.detach().exp().to(self.alpha[n].dtype) for n, la in self.log_alpha.items()}

@@ -125,3 +125,26 @@ def test_admm_projects_on_the_learned_table() -> None:
 def test_bad_learned_scale_settings(retrain_keys: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({**EXP, "retrain": {**EXP["retrain"], **retrain_keys}})
+
+
+@pytest.mark.parametrize("bits", [2, 1])
+def test_clipped_ste_zeroes_the_gradient_outside_the_table(bits: int) -> None:
+    """ste_clip: weights with |W/alpha| > qmax get no gradient; the others keep theirs exactly."""
+    model, twin = _model(), _model()
+    precision = PrecisionMap.uniform(model, bits)
+    grads = {}
+    for net, clip in ((model, True), (twin, False)):
+        hooks = SteHooks(net, precision, ste_clip=clip)
+        hooks.before_forward(net)
+        tokens = torch.randint(0, 30, (6, 3), generator=torch.Generator().manual_seed(0))
+        net(tokens, None, tokens).loss.backward()
+        latent, alpha = dict(hooks.latent), dict(hooks.alpha)
+        hooks.before_step(net)
+        grads[clip] = {n: g.clone() for n, g in hooks.q.grads(net).items()}
+    outside_total = 0
+    for name in grads[True]:
+        outside = (latent[name] / alpha[name]).abs() > qmax(bits)
+        outside_total += int(outside.sum())
+        assert torch.all(grads[True][name][outside] == 0), name
+        assert torch.equal(grads[True][name][~outside], grads[False][name][~outside]), name
+    assert outside_total > 0  # the test exercises clipping
