@@ -40,6 +40,7 @@ main environment (without NNI) can build, check and emit experiments.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -61,6 +62,7 @@ from nas.nni_space import (  # re-exported: the launcher's public names
     TUNERS,
     NniSettings,
     bits_space,
+    config_budget,
     hparams_space,
     load_settings,
 )
@@ -145,10 +147,32 @@ class Prepared:
     config: dict[str, Any]
 
 
+def check_hparams_trials(exp: ExperimentConfig, search_space: Mapping[str, Any], checkpoint: str | None,
+                         data: Path, retrain_method: str | None = None) -> None:
+    """Before NNI starts (hparams mode): the config's space at every budget a trial can get, on the
+    untrained model (or the checkpoint's), and the sections a trial's pipeline checks together.
+    Each tuned value was checked against its key's range by :func:`hparams_space`."""
+    from nas.data import load_corpus
+    from nas.preflight import check_pipeline
+
+    if "budget" in search_space:
+        budgets = [(f"nni.space.budget._value[{i}]", float(b)) for i, b in enumerate(search_space["budget"]["_value"])]
+    else:
+        key = "budget.avg_bits" if exp.budget and "avg_bits" in exp.budget else "pipeline.budgets[0]"
+        budgets = [(key, config_budget(exp))]
+    if retrain_method is not None:  # --method: what every trial's pipeline retrains with
+        exp = dataclasses.replace(exp, pipeline=dataclasses.replace(exp.pipeline, retrain_method=retrain_method))
+    check_pipeline(exp, load_corpus(data, exp.data.corpus_options()), checkpoint, budgets)
+
+
 def prepare(exp: ExperimentConfig, settings: NniSettings, out: Path, *, checkpoint: str | None, data: Path,
             device: str = "cpu", threads: int | None = None, retrain_method: str | None = None,
             python: str | None = None) -> Prepared:
     """Check the inputs, build the search space, write ``OUT/nni/`` (config copy, spec).
+
+    Hparams mode also checks what every trial's pipeline would check after its FP training: the
+    config's space at each budget a trial can get, on the untrained model (or ``checkpoint``'s),
+    and each tuned value against its key's range (:func:`check_hparams_trials`).
 
     ``threads`` None: each trial gets usable cores // ``settings.concurrency`` (or $MPNAS_THREADS /
     $OMP_NUM_THREADS), so that concurrent trials do not oversubscribe the cores (nas/threads.py).
@@ -162,6 +186,7 @@ def prepare(exp: ExperimentConfig, settings: NniSettings, out: Path, *, checkpoi
         search_space = bits_space(exp, checkpoint)
     else:
         search_space = hparams_space(exp, settings)
+        check_hparams_trials(exp, search_space, checkpoint, data, retrain_method)
     meta = out / "nni"
     meta.mkdir(parents=True, exist_ok=True)
     (out / "trials").mkdir(exist_ok=True)

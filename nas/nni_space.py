@@ -8,16 +8,23 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nas.config import ConfigError, ExperimentConfig, RetrainSection, SearchSection, _build_section
+from nas.config import MODES as MODES  # re-exported: the nni section is defined with the others
+from nas.config import OBJECTIVES as OBJECTIVES
+from nas.config import (
+    STRATEGY_NAMES,
+    ConfigError,
+    ExperimentConfig,
+    RetrainSection,
+    SearchSection,
+)
+from nas.config import TUNERS as TUNERS
+from nas.config import NniSettings as NniSettings
+from nas.schema import build_section, field_check, type_ok
 
-MODES = ("hparams", "bits")
-TUNERS = ("TPE", "Random", "Evolution")
-OBJECTIVES = ("valid_ppl", "test_ppl")
-STRATEGIES = ("gumbel", "kl", "hessian", "uniform", "random")
+STRATEGIES = STRATEGY_NAMES
 # Types NNI's TPE, Random and Evolution tuners all accept.
 NNI_TYPES = ("choice", "randint", "uniform", "quniform", "loguniform", "qloguniform", "normal", "qnormal",
              "lognormal", "qlognormal")
@@ -33,39 +40,11 @@ DIVERGED_OBJECTIVE = 1e9
 SPEC_VERSION = 1
 
 
-@dataclass(frozen=True)
-class NniSettings:
-    """The ``nni`` section (see module doc); validated on construction."""
-
-    mode: str = "hparams"
-    tuner: str = "TPE"
-    trials: int = 10
-    concurrency: int = 1
-    max_seconds: int = 21600
-    objective: str = "valid_ppl"
-    penalty: float = 10.0
-    seed: int | None = None
-    population_size: int = 16
-    space: Any = None  # hparams mode: {key: {_type, _value}}; None = the default space
-
-    def __post_init__(self) -> None:
-        for key, allowed in (("mode", MODES), ("tuner", TUNERS), ("objective", OBJECTIVES)):
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        for key in ("trials", "concurrency", "max_seconds", "population_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        if not self.penalty >= 0:
-            raise ValueError(f"penalty must be >= 0, got {self.penalty!r}")
-        if self.space is not None and not isinstance(self.space, dict):
-            raise ValueError(f"space must be a mapping of NNI search-space entries, got {type(self.space).__name__}")
-
-
 def load_settings(exp: ExperimentConfig, overrides: Mapping[str, Any] | None = None) -> NniSettings:
     """The experiment's ``nni`` section with ``overrides`` (CLI options; None values ignored) applied."""
     raw = dict(getattr(exp, "nni", None) or {})
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return _build_section(NniSettings, raw, exp.source, "nni")
+    return build_section(NniSettings, raw, exp.source, "nni")
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +110,42 @@ def hparams_space(exp: ExperimentConfig, settings: NniSettings) -> dict[str, dic
         if spec["_type"] != "choice" and not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                  for v in values):
             raise ConfigError(f"{where}.{key}._value' must hold numbers for {spec['_type']}, got {values!r}")
+        section, name = hparam_target(str(key))
+        if section != "special":
+            _check_tuned_values(f"{where}.{key}", spec["_type"], values, section, name)
     return {str(k): {"_type": v["_type"], "_value": list(v["_value"])} for k, v in space.items()}
+
+
+# Distributions whose samples lie between their first two values (randint: the second excluded),
+# and how many values each takes; the normal family has no bounds to check.
+_BOUNDED = {"uniform": 2, "loguniform": 2, "quniform": 3, "qloguniform": 3, "randint": 2}
+_CONTINUOUS = ("uniform", "loguniform", "normal", "lognormal")
+
+
+def _check_tuned_values(where: str, kind: str, values: list[Any], section: str, name: str) -> None:
+    """What a tuned key can take must lie in that field's range (nas/config.py), so that no trial
+    fails on its derived config: every choice, and both ends of a bounded distribution."""
+    cls = {"search": SearchSection, "retrain": RetrainSection}[section]
+    annotation = _field_types(cls)[name]
+    check = field_check(cls, name)
+    if kind in _BOUNDED and len(values) != _BOUNDED[kind]:
+        raise ConfigError(f"{where}._value' = {values!r}: {kind} takes {_BOUNDED[kind]} numbers")
+    if annotation.startswith("int") and kind in _CONTINUOUS:
+        raise ConfigError(f"{where}._type' = {kind!r}: '{section}.{name}' is an integer; use choice, randint, "
+                          "quniform or qloguniform")
+    if kind == "choice":
+        samples = list(values)
+    elif kind in _BOUNDED:
+        samples = [values[0], values[1] - 1 if kind == "randint" else values[1]]
+    else:
+        return
+    for value in samples:
+        if annotation.startswith("int") and isinstance(value, float) and value.is_integer():
+            value = int(value)  # as nas.nni_trial coerces NNI's floats
+        if not type_ok(value, annotation) or (check is not None and not check.accepts(value)):
+            expected = check.expected if check is not None else annotation
+            raise ConfigError(f"{where}._value' = {values!r}: {value!r} is not a valid '{section}.{name}' "
+                              f"(must be {expected})")
 
 
 def bits_space(exp: ExperimentConfig, checkpoint: str | Path) -> dict[str, dict[str, Any]]:

@@ -48,6 +48,7 @@ from nas.checkpoint import atomic_write_json, atomic_write_text
 from nas.config import ConfigError, ExperimentConfig, load_config, resolve_config_path
 from nas.data import Corpus, load_corpus, resolve_data_dir
 from nas.errors import MpnasError
+from nas.preflight import check_pipeline
 from nas.stages import (
     Point,
     canonical_hash,
@@ -395,6 +396,8 @@ def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data
     ``budgets``, ``include_uniform`` and ``retrain_method`` override the ``pipeline`` section
     (an NNI trial: ``strategies=["kl"], budgets=[2.0], include_uniform=False, report=False``).
     ``checkpoint`` skips FP training. ``prune`` drops rows of labels no longer planned.
+    Before the run folder is touched, :func:`nas.preflight.check_pipeline` checks the space at every
+    budget on the untrained model (or the checkpoint's): a bad space is an error in seconds.
     """
     if isinstance(config, ExperimentConfig):
         exp, text = config, None
@@ -412,14 +415,13 @@ def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data
                               f"{exc}") from exc
     if text is None or overrides:
         text = yaml.safe_dump({k: v for k, v in exp.to_dict().items() if v is not None}, sort_keys=False)
-    if exp.retrain.init == "inherited" and not exp.pipeline.prototypes:
-        raise ConfigError(f"{exp.source}: retrain.init is 'inherited', which starts from the prototypes; "
-                          "set pipeline.prototypes: true so that the pipeline builds them")
+    corpus = load_corpus(resolve_data_dir(data or exp.data.path), exp.data.corpus_options())
+    # the space at every budget, on the untrained model (or the given checkpoint's), before any training
+    check_pipeline(exp, corpus, checkpoint)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", text)
     atomic_write_text(run_dir / "command.txt", (command or shlex.join(sys.argv)).replace("\n", " ") + "\n")
-    corpus = load_corpus(resolve_data_dir(data or exp.data.path), exp.data.corpus_options())
     pipe = Pipeline(exp, run_dir, corpus, checkpoint=None if checkpoint is None else Path(checkpoint),
                     device=device, checkpoint_every=checkpoint_every, log=log)
     points = plan_points(exp.pipeline)

@@ -223,11 +223,6 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
     out_dir = Path(out_dir)
     ckpt = load_fp_checkpoint(fp_checkpoint, corpus)
     teacher_ckpt = ckpt
-    if exp.retrain.init == "inherited":
-        if prototypes is None:
-            raise UsageError("retrain.init is 'inherited' but no prototype folder was given (--prototypes DIR, "
-                             "made by `mpnas prototypes`)")
-        ckpt = {**ckpt, "model": inherited_state(fp_checkpoint, ckpt, precision, prototypes)}
     model_config = dict(ckpt["config"])
     cfg = exp.retrain
     if cfg.dropout is not None:
@@ -235,10 +230,16 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
     exp = dataclasses.replace(exp, model=model_config)  # the checkpoint's architecture wins
     probe = build_model(model_config["type"], **{k: v for k, v in model_config.items() if k != "type"})
     probe.load_state_dict(ckpt["model"])
-    precision.validate(probe)
+    precision.validate(probe)  # the map against the model, before prototypes are read or anything trains
     method = method or cfg.method
     if method not in ("admm", "ste"):
         raise UsageError(f"unknown retraining method {method!r}; expected 'admm' or 'ste'")
+    if cfg.init == "inherited":
+        if prototypes is None:
+            raise UsageError("retrain.init is 'inherited' but no prototype folder was given (--prototypes DIR, "
+                             "made by `mpnas prototypes`)")
+        ckpt = {**ckpt, "model": inherited_state(fp_checkpoint, ckpt, precision, prototypes)}
+        probe.load_state_dict(ckpt["model"])
     out_dir.mkdir(parents=True, exist_ok=True)
     precision.save(out_dir / "precision.yaml")
     if resume and (done := _finished(out_dir, method, precision)) is not None:

@@ -56,7 +56,9 @@ ScoreTable = dict[str, dict[int, float]]  # cluster -> bits -> score (lower is b
 PROBES = ("rademacher", "gaussian")
 
 logger = logging.getLogger(__name__)
-_MIN_ITERS = 30  # default fewest probes per cluster of hutchinson_traces (see its docstring)
+# Default fewest probes per cluster of hutchinson_traces (see its docstring). search.hessian_max_iters
+# must be at least this: a cap below it ends every cluster on too few samples to measure its error.
+MIN_PROBES = 30
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -326,7 +328,7 @@ def hutchinson_traces(model: nn.Module, clusters: Sequence[str], loss_fn: Callab
     if probes not in PROBES:
         raise ValueError(f"probes={probes!r}; expected one of {PROBES}")
     if min_iters is None:
-        min_iters = min(_MIN_ITERS, max_iters)
+        min_iters = min(MIN_PROBES, max_iters)
     if max_iters < 1 or not 1 <= min_iters <= max_iters:
         raise ValueError(f"need 1 <= min_iters <= max_iters, got min_iters={min_iters}, max_iters={max_iters}")
     if not (tol >= 0 and math.isfinite(tol)):

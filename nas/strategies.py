@@ -282,11 +282,17 @@ class HessianStrategy(ScoreTableStrategy):
         else:
             batches = window_batches(data.train, data.length, data.batch_size, generator)[: settings.hessian_batches]
         names = list(space.searchable)
+        was_training = model.training
         model.eval()  # no dropout: the loss must be one fixed function of the weights
-        traces = hutchinson_traces(model, names, lm_loss_fn(batches), probes=settings.hessian_probes,
-                                   max_iters=settings.hessian_max_iters, tol=settings.hessian_tol, seed=settings.seed)
-        table = hessian_scores(model, traces, {n: space.candidates[n] for n in names}, granularity=space.granularity,
-                               per_weight=settings.hessian_per_weight, replacements=data.prototypes)
+        try:
+            traces = hutchinson_traces(model, names, lm_loss_fn(batches), probes=settings.hessian_probes,
+                                       max_iters=settings.hessian_max_iters, tol=settings.hessian_tol,
+                                       seed=settings.seed)
+            table = hessian_scores(model, traces, {n: space.candidates[n] for n in names},
+                                   granularity=space.granularity, per_weight=settings.hessian_per_weight,
+                                   replacements=data.prototypes)
+        finally:
+            model.train(was_training)  # a search leaves the model's train/eval mode as it found it
         return table, {"hutchinson": trace_evidence(traces, settings)}
 
 

@@ -200,3 +200,30 @@ def test_train_shows_the_epoch_line(tiny_corpus_dir: Path, tmp_path: Path, capsy
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "epoch 1: train ppl " in out and " valid ppl " in out
+
+
+def test_search_and_retrain_reject_bad_settings_before_running(tiny_corpus_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Out-of-range settings that used to run (kl on all but 5 valid tokens) or fail mid-run exit 2 (issue 14)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--data", str(tiny_corpus_dir), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    cases = [({"search": {"kl_tokens": -5}}, ["search", "--strategy", "kl", "--budget", "2", "--out", "{map}"],
+              "'search.kl_tokens' = -5 must be >= 1"),
+             ({"search": {"hessian_max_iters": 3}}, ["search", "--strategy", "hessian", "--budget", "2", "--out",
+                                                     "{map}"], "'search.hessian_max_iters' = 3 must be >= 30"),
+             ({"search": {"arch_fraction": 2}}, ["search", "--strategy", "gumbel", "--budget", "2", "--out", "{map}"],
+              "'search.arch_fraction' = 2.0 must be in (0, 1)"),
+             ({"retrain": {"epochs": 0}}, ["retrain", "--precision", "uniform:4"], "'retrain.epochs' = 0 must be >= 1"),
+             ({"retrain": {"clip": -1}}, ["retrain", "--precision", "uniform:4"], "'retrain.clip' = -1.0 must be >= 0")]
+    for section, argv, message in cases:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump({**SEARCH_EXP, **section}))
+        command, *options = [a.replace("{map}", str(tmp_path / "m.yaml")) for a in argv]
+        assert main([command, str(bad), "--checkpoint", str(out / "best.pt"), *options, "--data", str(tiny_corpus_dir),
+                     "--out" if command == "retrain" else "--cache", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mpnas: error: {bad}: ") and message in err, err
+    assert not (tmp_path / "m.yaml").exists() and not (tmp_path / "x").exists()

@@ -247,5 +247,5 @@ def test_blank_lines_is_an_experiment_key_used_by_the_commands(tmp_path: Path,
     printed = capsys.readouterr().out
     assert "blank lines: skip" in printed and "train: 11 tokens, 6 lines (3 blank)" in printed
     assert parse_config(exp).data.corpus_options() == data.CorpusOptions(blank_lines="skip")
-    with pytest.raises(ConfigError, match="blank_lines must be 'eos' or 'skip', got 'drop'"):
+    with pytest.raises(ConfigError, match=r"'data\.blank_lines' = 'drop' must be one of \('eos', 'skip'\)"):
         parse_config({**exp, "data": {**exp["data"], "blank_lines": "drop"}}, "exp.yaml")

@@ -119,8 +119,9 @@ def test_admm_projects_on_the_learned_table() -> None:
 
 
 @pytest.mark.parametrize(("retrain_keys", "message"), [
-    ({"scale_lr": 0.0}, "scale_lr must be > 0"),
-    ({"method": "admm", "admm_forward": "latent", "learn_scales": True}, "learn_scales needs admm_forward: quantized"),
+    ({"scale_lr": 0.0}, "'retrain.scale_lr' = 0.0 must be > 0"),
+    ({"method": "admm", "admm_forward": "latent", "learn_scales": True},
+     "'retrain.learn_scales' = True must be false with method admm and admm_forward latent"),
 ])
 def test_bad_learned_scale_settings(retrain_keys: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

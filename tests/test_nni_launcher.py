@@ -110,11 +110,11 @@ def test_settings_from_the_nni_section_and_the_command_line() -> None:
 
 @pytest.mark.parametrize(("section", "message"), [
     ({"tunr": "TPE"}, "unknown key 'nni.tunr'"),
-    ({"tuner": "GP"}, "tuner must be one of"),
-    ({"trials": 0}, "trials must be >= 1"),
+    ({"tuner": "GP"}, "'nni.tuner' = 'GP' must be one of"),
+    ({"trials": 0}, "'nni.trials' = 0 must be >= 1"),
     ({"trials": "many"}, "'nni.trials' = 'many' has the wrong type"),
-    ({"objective": "wer"}, "objective must be one of"),
-    ({"space": [1, 2]}, "space must be a mapping"),
+    ({"objective": "wer"}, "'nni.objective' = 'wer' must be one of"),
+    ({"space": [1, 2]}, "'nni.space' = [1, 2] must be a mapping"),
 ])
 def test_bad_settings_name_the_key(section: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)) as info:
@@ -163,6 +163,49 @@ def test_bad_hparams_space_names_the_key(space: dict[str, Any], message: str) ->
     exp = parse_config({**TINY, "nni": {"space": space}}, "exp.yaml")
     with pytest.raises(ConfigError, match=re.escape(message)):
         hparams_space(exp, load_settings(exp))
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"arch_fraction": {"_type": "uniform", "_value": [0.05, 2.0]}},
+     "'nni.space.arch_fraction._value' = [0.05, 2.0]: 2.0 is not a valid 'search.arch_fraction' (must be in (0, 1))"),
+    ({"retrain.epochs": {"_type": "choice", "_value": [0, 1]}},
+     "'nni.space.retrain.epochs._value' = [0, 1]: 0 is not a valid 'retrain.epochs' (must be >= 1)"),
+    ({"hessian_max_iters": {"_type": "randint", "_value": [3, 100]}}, "3 is not a valid 'search.hessian_max_iters'"),
+    ({"kl_tokens": {"_type": "qloguniform", "_value": [-5, 1000, 1]}}, "-5 is not a valid 'search.kl_tokens'"),
+    ({"retrain.distill": {"_type": "uniform", "_value": [0.0, 1.5]}}, "1.5 is not a valid 'retrain.distill'"),
+    ({"retrain.optimizer": {"_type": "choice", "_value": ["adam", "rmsprop"]}},
+     "'rmsprop' is not a valid 'retrain.optimizer' (must be one of ('sgd', 'adam', 'adamw'))"),
+    ({"rescale_every": {"_type": "uniform", "_value": [10, 50]}},
+     "'nni.space.rescale_every._type' = 'uniform': 'search.rescale_every' is an integer"),
+    ({"tau_end": {"_type": "quniform", "_value": [0.1, 1.0]}}, "quniform takes 3 numbers"),
+])
+def test_tuned_values_must_fit_their_keys(space: dict[str, Any], message: str) -> None:
+    """Every value a trial can get is checked against its key's range before NNI starts (issue 14)."""
+    exp = parse_config({**TINY, "nni": {"space": space}}, "exp.yaml")
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        hparams_space(exp, load_settings(exp))
+    assert str(info.value).startswith("exp.yaml: ")
+
+
+@pytest.mark.parametrize(("sections", "message"), [
+    ({"space": {"bits": [1, 2, 4], "overrides": [{"match": "layers.*.forget_gat.*", "bits": [4]}]}},
+     "space.overrides[0].match: 'layers.*.forget_gat.*' matches no cluster"),
+    ({"space": {"bits": [2, 4]}, "nni": {"space": {"budget": {"_type": "choice", "_value": [3.0, 1.0]}}}},
+     "(the budget of 'nni.space.budget._value[1]')"),
+    ({"space": {"bits": [2, 4]}, "budget": {"avg_bits": 1.0}}, "budget.avg_bits: 1 bits is infeasible"),
+    ({"retrain": {**TINY["retrain"], "init": "inherited"}}, "set pipeline.prototypes: true"),
+])
+def test_hparams_mode_checks_the_space_on_the_model_before_nni(sections: dict[str, Any], message: str,
+                                                               tiny_corpus_dir: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """What every trial's pipeline would reject after FP training is rejected by the launcher (issue 14)."""
+    config = _config(tmp_path, **sections)
+    out = tmp_path / "out"
+    assert main(["nni", str(config), "--data", str(tiny_corpus_dir), "--out", str(out),
+                 "--emit-config", str(tmp_path / "exp.yml")]) == 2
+    err = capsys.readouterr().err
+    assert str(config) in err and message in err, err
+    assert not (out / "nni").exists()
 
 
 def test_bits_space_is_the_search_space_in_nni_form(fp: dict[str, Path]) -> None:

@@ -346,3 +346,67 @@ def test_inherited_init_needs_pipeline_prototypes(tmp_path: Path, corpus_dir: Pa
     with pytest.raises(ConfigError, match="set pipeline.prototypes: true"):
         run_pipeline(_write_config(tmp_path, raw), tmp_path / "run", data=corpus_dir, command="x")
     assert not (tmp_path / "run").exists()
+
+
+# --- checked before any training (issue 14) ---------------------------------------------------
+
+@pytest.mark.parametrize(("change", "key"), [
+    ({"space": {"bits": [1, 2, 4, 8], "overrides": [{"match": "layers.*.forget_gat.*", "bits": [4]}]}},
+     "space.overrides[0].match"),
+    ({"space": {"bits": [1, 2], "keep_fp": ["decodr"]}}, "space.keep_fp[0]"),
+    ({"space": {"bits": [1, 2, 4], "colour": "red"}}, "space.colour"),
+    ({"space": {"bits": [2, 4, 8]}, "pipeline": {"strategies": ["kl"], "budgets": [4, 1.5]}}, "pipeline.budgets[1]"),
+    ({"budget": {"avg_bits": 1.0}, "space": {"bits": [2, 4]}}, "budget.avg_bits"),
+    ({"search": {"kl_tokens": -5}}, "search.kl_tokens"),
+    ({"search": {"arch_fraction": 2}}, "search.arch_fraction"),
+    ({"search": {"tau_start": 0.5, "tau_end": 5.0}}, "search.tau_end"),
+    ({"search": {"hessian_max_iters": 3}, "pipeline": {"strategies": ["hessian"]}}, "search.hessian_max_iters"),
+    ({"retrain": {**TINY["retrain"], "epochs": 0}}, "retrain.epochs"),
+    ({"retrain": {**TINY["retrain"], "admm_forward": "latent", "learn_scales": True},
+      "pipeline": {"strategies": ["kl"], "retrain_method": "admm"}}, "'retrain.learn_scales' = True"),
+    ({"space": {"bits": [16, 32]}, "pipeline": {"strategies": ["kl"], "budgets": [16], "prototypes": True}},
+     "pipeline.prototypes"),
+])
+def test_bad_space_or_setting_exits_2_before_any_training(change: dict[str, Any], key: str, corpus_dir: Path,
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`mpnas pipeline` checks the config and the space, on the untrained model, within seconds."""
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the pipeline started training before it checked the config")
+
+    monkeypatch.setattr("nas.pipeline.train_fp", no_training)
+    config = _write_config(tmp_path, {**TINY, **change})
+    start = time.perf_counter()
+    assert main(["pipeline", str(config), "--out", str(tmp_path / "run"), "--data", str(corpus_dir)]) == 2
+    assert time.perf_counter() - start < 5
+    err = capsys.readouterr().err
+    assert err.startswith("mpnas: error: ") and str(config) in err and key in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_space_is_checked_on_the_given_checkpoint(full_run: tuple[Path, list[str]], corpus_dir: Path,
+                                                      tmp_path: Path) -> None:
+    from search_spaces.space import SpaceError
+
+    raw = {**TINY, "space": {"bits": [1, 2, 4], "overrides": [{"match": "embeding", "bits": [4]}]}}
+    with pytest.raises(SpaceError, match=r"space\.overrides\[0\]\.match: 'embeding' matches no cluster; did you "
+                       "mean embedding"):
+        run_pipeline(_write_config(tmp_path, raw), tmp_path / "run", data=corpus_dir,
+                     checkpoint=full_run[0] / "fp" / "best.pt", command="x")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_exits_2_within_5_seconds(corpus_dir: Path, tmp_path: Path) -> None:
+    """The acceptance check of issue 14, as a user runs it: a typo in space.overrides."""
+    raw = {**TINY, "train": {**TINY["train"], "epochs": 50, "max_steps_per_epoch": None},
+           "space": {"bits": [1, 2, 4, 8], "overrides": [{"match": "layers.0.forget_gate.hhh", "bits": [8]}]}}
+    config = _write_config(tmp_path, raw)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "nas.cli", "pipeline", str(config), "--out", str(tmp_path / "run"),
+                           "--data", str(corpus_dir)], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False)
+    seconds = time.monotonic() - start
+    assert done.returncode == 2, done.stderr
+    assert "space.overrides[0].match" in done.stderr and "did you mean layers.0.forget_gate.hh" in done.stderr
+    assert seconds < 5, f"{seconds:.1f} s"
+    assert not (tmp_path / "run").exists()

@@ -142,6 +142,23 @@ def test_inherited_init_starts_every_cluster_from_its_prototype(fp_run: tuple[Pa
         inherited_state(fp, ckpt, PrecisionMap.uniform(model, 1), tmp_path / "p")
 
 
+def test_retrain_checks_the_map_before_reading_prototypes(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """A map naming a cluster the model lacks is a user error before anything is read or trained
+    (it was a KeyError out of inherited_state; issue 14)."""
+    from search_spaces.precision import PrecisionMapError
+
+    corpus_dir, fp = fp_run
+    corpus = load_corpus(corpus_dir)
+    build_prototypes(parse_config(EXP), corpus, fp, [2], tmp_path / "p")
+    bits = dict(PrecisionMap.uniform(load_model(fp), 2).bits)
+    bits["embeding"] = bits.pop("embedding")
+    inherited = parse_config({**EXP, "retrain": {**EXP["retrain"], "init": "inherited"}})
+    with pytest.raises(PrecisionMapError, match=r"unknown clusters \(not in the model\): embeding"):
+        retrain(inherited, corpus, fp, PrecisionMap(bits, "matrix"), tmp_path / "r", progress=False,
+                prototypes=tmp_path / "p")
+    assert not (tmp_path / "r").exists()
+
+
 def test_inherited_init_refuses_prototypes_of_another_checkpoint(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
     from nas.retrain import inherited_state
 

@@ -117,3 +117,17 @@ def test_hessian_meta_records_the_per_cluster_stop(trained: tuple, tmp_path: Pat
     assert again.meta["scores_cached"] is True and again.meta["hutchinson"] == h
     found.save(tmp_path / "map.yaml")
     assert PrecisionMap.load(tmp_path / "map.yaml").meta["hutchinson"] == h
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("training", [True, False], ids=["train_mode", "eval_mode"])
+def test_search_leaves_train_eval_mode_unchanged(name: str, training: bool, trained: tuple, tmp_path: Path) -> None:
+    """A search scores the model in eval mode but hands it back in the mode it got it in (issue 14)."""
+    model, corpus = trained
+    space = SearchSpace.from_config({"bits": [1, 2, 4, 8]}, {"avg_bits": 4.0}, model)
+    model.train(training)
+    try:
+        get_strategy(name).search(model, space, _data(corpus, tmp_path), FAST)
+        assert [m.training for m in model.modules()] == [training] * len(list(model.modules()))
+    finally:
+        model.train()

@@ -70,9 +70,9 @@ def fp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Corpus, Path]:
 
 
 def test_valid_tokens_is_checked_and_inherited_by_retrain() -> None:
-    with pytest.raises(ConfigError, match=r"section 'train': valid_tokens = 0 must be a positive number"):
+    with pytest.raises(ConfigError, match=r"'train\.valid_tokens' = 0 must be >= 1"):
         parse_config(_with("train", valid_tokens=0))
-    with pytest.raises(ConfigError, match=r"section 'retrain': valid_tokens = -5 must be a positive number"):
+    with pytest.raises(ConfigError, match=r"'retrain\.valid_tokens' = -5 must be >= 1"):
         parse_config(_with("retrain", valid_tokens=-5))
     with pytest.raises(ConfigError, match=r"'train\.valid_tokens' = 'all' has the wrong type"):
         parse_config(_with("train", valid_tokens="all"))

@@ -9,6 +9,7 @@ once per call so each time step still costs one matmul.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -47,6 +48,8 @@ class LSTMConfig:
                 raise ValueError(f"LSTMConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LSTMConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.init_range < math.inf:
+            raise ValueError(f"LSTMConfig.init_range must be a finite number > 0, got {self.init_range}")
         if self.tie_weights and self.embed_dim != self.hidden_dim:
             raise ValueError("LSTMConfig.tie_weights needs embed_dim == hidden_dim, got "
                              f"{self.embed_dim} and {self.hidden_dim}")

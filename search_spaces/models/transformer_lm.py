@@ -39,6 +39,8 @@ class TransformerConfig:
                              f"num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TransformerConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.init_std < math.inf:
+            raise ValueError(f"TransformerConfig.init_std must be a finite number > 0, got {self.init_std}")
 
 
 class CausalSelfAttention(nn.Module):
