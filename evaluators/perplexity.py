@@ -106,4 +106,5 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, start_token: int, *, batc
         model.train(was_training)
     n = tokens.numel()
     loss = total / n
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": float(n)}
+    # exp overflows a float above a mean loss of ~709 nats (a diverged model): that is infinite perplexity
+    return {"loss": loss, "ppl": math.exp(loss) if loss < 709.0 else math.inf, "tokens": float(n)}

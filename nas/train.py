@@ -367,9 +367,10 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
             valid_ppl = _evaluate(model, exp, corpus, "valid", dev, select_slice)
             clock["valid"] += time.perf_counter() - tick
             state_for_best = _clone_state(model.state_dict())
-        if math.isnan(valid_ppl):
+        if not math.isfinite(valid_ppl):
             raise TrainingDivergedError(
-                f"{exp.source}: training diverged at epoch {epoch + 1}: validation loss is NaN (lr={lr:g}). "
+                f"{exp.source}: training diverged at epoch {epoch + 1}: validation perplexity is {valid_ppl} "
+                f"(lr={lr:g}). "
                 f"Lower train.lr or set train.clip; the latest checkpoint is {ckpt_path}")
         history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_count),
                         "valid_ppl": valid_ppl, "lr": lr, "tokens_per_s": epoch_tokens / max(seconds, 1e-9)})

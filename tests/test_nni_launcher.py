@@ -468,15 +468,24 @@ def test_nnictl_runs_the_emitted_config(fp: dict[str, Path], tmp_path: Path) -> 
 
 @needs_nni
 def test_a_failing_trial_fails_the_launcher_with_its_stderr(fp: dict[str, Path], tmp_path: Path) -> None:
+    # a broken checkpoint is now refused before NNI starts (exit 2); a trial that fails while it
+    # runs is what reaches NNI: here its retraining diverges
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
+    common = ["--mode", "hparams", "--trials", "2", "--max-seconds", "300", "--data", str(fp["corpus"]),
+              "--threads", "1"]
+    early = _mpnas(["nni", str(_config(tmp_path)), *common, "--out", str(tmp_path / "early"), "--checkpoint",
+                    str(broken)], _env(tmp_path / "home"))
+    assert early.returncode == 2 and "not a readable mpnas checkpoint" in early.stderr
     out = tmp_path / "out"
-    done = _mpnas(["nni", str(_config(tmp_path)), "--mode", "hparams", "--trials", "2", "--max-seconds", "300",
-                   "--out", str(out), "--checkpoint", str(broken), "--data", str(fp["corpus"]), "--threads", "1"],
-                  _env(tmp_path / "home"))
+    exploding = tmp_path / "exploding-python"  # the trials' interpreter: fails with a message on stderr
+    exploding.write_text("#!/bin/sh\necho 'trial exploded: no such module' >&2\nexit 3\n")
+    exploding.chmod(0o755)
+    done = _mpnas(["nni", str(_config(tmp_path)), *common, "--out", str(out), "--checkpoint", str(fp["checkpoint"]),
+                   "--python", str(exploding)], _env(tmp_path / "home"))
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
     assert "NNI trial(s) failed" in done.stderr and "trial.stderr" in done.stderr
-    assert "not a readable mpnas checkpoint" in done.stderr and str(broken) in done.stderr
+    assert "trial exploded: no such module" in done.stderr
     summary = json.loads((out / "nni" / "results.json").read_text())
     assert "FAILED" in summary["trials"].values()
     # the experiment was stopped: no NNI manager is left on its port

@@ -211,3 +211,25 @@ def test_best_checkpoint_keeps_tied_weights_tied(tiny_corpus_dir: Path, tmp_path
     train(exp, corpus, tmp_path / "run", progress=False)
     best = load_checkpoint(tmp_path / "run" / "best.pt")["model"]
     assert best["decoder.weight"].data_ptr() == best["embedding.weight"].data_ptr()
+
+
+def test_a_finite_but_huge_validation_loss_stops_as_divergence(tmp_path: Path) -> None:
+    """A model whose validation loss is finite but above ~709 nats (exp overflows) is reported as
+    diverged, not as an OverflowError from the perplexity."""
+    import math
+
+    from evaluators.perplexity import perplexity
+    from search_spaces.models import build_model
+    from tests.synthetic import write_synthetic_corpus
+
+    corpus = load_corpus(write_synthetic_corpus(tmp_path / "c"))
+    exp = parse_config({"model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
+                        "data": {"batch_size": 4, "bptt": 8, "eval_batch_size": 2},
+                        "train": {"optimizer": "sgd", "lr": 1e12, "schedule": "constant", "epochs": 1, "clip": 0.0,
+                                  "max_steps_per_epoch": 5}})
+    with pytest.raises(TrainingDivergedError, match="training diverged"):
+        train(exp, corpus, tmp_path / "run", progress=False)
+    model = build_model("lstm", vocab_size=len(corpus.vocab), embed_dim=8, hidden_dim=8, num_layers=1)
+    with torch.no_grad():
+        model.decoder.bias.copy_(torch.linspace(0, 5000, model.decoder.bias.numel()))
+    assert perplexity(model, corpus.valid, corpus.vocab.eos_id)["ppl"] == math.inf
