@@ -13,11 +13,10 @@ from nas.config import ConfigError, parse_config
 from nas.data import load_corpus
 from nas.retrain import retrain
 from nas.ste import SteHooks
-from nas.train import train
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
 from search_spaces.quant import qmax
-from tests.synthetic import write_synthetic_corpus
+from tests.synthetic import train_fp_run
 
 EXP = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers": 1},
        "data": {"batch_size": 4, "bptt": 10, "eval_batch_size": 2},
@@ -28,10 +27,7 @@ EXP = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers"
 
 @pytest.fixture(scope="module")
 def fp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("fp")
-    corpus_dir = write_synthetic_corpus(root / "corpus")
-    train(parse_config(EXP), load_corpus(corpus_dir), root / "fp", progress=False)
-    return corpus_dir, root / "fp" / "best.pt"
+    return train_fp_run(tmp_path_factory.mktemp("fp"), EXP)
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

@@ -23,9 +23,8 @@ from nas.prototypes import (
 )
 from nas.retrain import retrain
 from nas.stages import load_model
-from nas.train import train
 from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
-from tests.synthetic import write_synthetic_corpus
+from tests.synthetic import train_fp_run
 
 EXP = {"model": {"type": "lstm", "embed_dim": 12, "hidden_dim": 12, "num_layers": 1},
        "data": {"batch_size": 4, "bptt": 8, "eval_batch_size": 2},
@@ -37,10 +36,7 @@ EXP = {"model": {"type": "lstm", "embed_dim": 12, "hidden_dim": 12, "num_layers"
 
 @pytest.fixture(scope="module")
 def fp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("fp")
-    corpus_dir = write_synthetic_corpus(root / "corpus")
-    train(parse_config(EXP), load_corpus(corpus_dir), root / "fp", progress=False)
-    return corpus_dir, root / "fp" / "best.pt"
+    return train_fp_run(tmp_path_factory.mktemp("fp"), EXP)
 
 
 def test_build_load_and_cache(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
