@@ -21,7 +21,7 @@ from nas.data import (
     load_corpus,
     resolve_data_dir,
 )
-from nas.errors import MpnasError
+from nas.errors import MpnasError, UsageError
 from nas.nbest_cli import add_nbest_arguments
 from nas.nni_launcher import add_nni_parser
 from nas.pipeline import add_pipeline_parser, run_from_args
@@ -156,6 +156,11 @@ def cmd_prototypes(args: argparse.Namespace) -> int:
     from search_spaces.space import DEFAULT_BITS
 
     exp = load_config(args.config)
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise UsageError(f"--max-steps {args.max_steps}: expected a positive number of steps per epoch")
+        # recorded in each prototype's inputs, so a later run without the cap retrains those widths
+        exp = dataclasses.replace(exp, retrain=dataclasses.replace(exp.retrain, max_steps_per_epoch=args.max_steps))
     corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
     bits = args.bits or [b for b in (exp.space or {}).get("bits", DEFAULT_BITS) if b < 16]
     out = Path(args.out or Path("runs") / f"{Path(exp.source).stem}_prototypes")
@@ -227,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, nargs="+", help="widths (default: the config's space.bits below 16)")
     p.add_argument("--method", choices=["admm", "ste"], help="default: retrain.method of the config")
     p.add_argument("--out", help="prototype folder (default runs/<config>_prototypes)")
+    p.add_argument("--max-steps", type=int, help="cap on retraining steps per epoch (e.g. 100 for 4 and 8 bits, "
+                   "where retraining recovers little; default: retrain.max_steps_per_epoch)")
     _add_run_options(p)
     p.set_defaults(func=cmd_prototypes)
 
