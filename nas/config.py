@@ -198,6 +198,18 @@ class PipelineSection:
     # build uniform prototypes (space.bits below 16) after FP; kl and hessian then score on them,
     # and retrain.init: inherited starts from them (nas/prototypes.py)
     prototypes: bool = False
+    # use this folder of `mpnas prototypes` instead of building prototypes (implies prototypes);
+    # relative paths are relative to the working directory, like data.path
+    prototypes_dir: str | None = None
+    # with prototypes: kl and hessian score, and gumbel's supernet mixes, the prototypes' weights
+    # (the papers' way); false keeps them on the FP weights (post-training quantization), so that
+    # retrain.init: inherited can be compared on the same maps
+    search_on_prototypes: bool = True
+
+    @property
+    def uses_prototypes(self) -> bool:
+        """Whether the pipeline searches and fine-tunes on prototypes (built or given)."""
+        return self.prototypes or self.prototypes_dir is not None
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -215,8 +215,9 @@ class Pipeline:
 
     @property
     def prototype_dir(self) -> Path:
-        """Where the ``prototypes`` stage keeps the uniform prototypes."""
-        return self.run / "prototypes"
+        """Where the ``prototypes`` stage keeps the uniform prototypes (``pipeline.prototypes_dir`` when given)."""
+        given = self.exp.pipeline.prototypes_dir
+        return Path(given) if given is not None else self.run / "prototypes"
 
     def prototype_widths(self) -> list[int]:
         """The widths the prototypes stage builds: the space's candidate widths below 16 bits."""
@@ -229,6 +230,13 @@ class Pipeline:
         from nas.prototypes import INDEX, build_prototypes, prototype_file
 
         widths = self.prototype_widths()
+        if self.exp.pipeline.prototypes_dir is not None:
+            from nas.prototypes import verify_prototypes
+
+            # given, not built here: checked, never retrained (their index hash feeds later stages)
+            verify_prototypes(self.prototype_dir, widths, self.fp_checkpoint)
+            self.log(f"prototypes: using {self.prototype_dir} (widths {widths})")
+            return
         retrain_cfg = dataclasses.replace(self.exp.retrain, method=self.method)
         inputs = {"widths": widths, "retrain": section_inputs(retrain_cfg), "data": self.data,
                   "fp": self._fp_hash(), "corpus": self.corpus_hash}
@@ -240,7 +248,9 @@ class Pipeline:
 
     def prototype_points(self) -> list[Point]:
         """One result row per prototype (strategy ``prototype``, budget = its width), when built."""
-        return [Point("prototype", float(b)) for b in self.prototype_widths()] if self.exp.pipeline.prototypes else []
+        if not self.exp.pipeline.uses_prototypes:
+            return []
+        return [Point("prototype", float(b)) for b in self.prototype_widths()]
 
     def evaluate_prototypes(self) -> None:
         """``eval/prototype_b<B>.json``: each prototype as a uniform point of the report.
@@ -262,7 +272,9 @@ class Pipeline:
                 entry = read_index(self.prototype_dir)["prototypes"][str(bits)]
                 model, precision = load_packed(packed)
                 size = model_size(model, precision)
-                map_file = packed.with_suffix(".yaml")  # the report reads each row's map (bits plot)
+                # the report reads each row's map (bits plot), from the run folder as for searched rows
+                map_file = self.run / "search" / point.label / "precision.yaml"
+                map_file.parent.mkdir(parents=True, exist_ok=True)
                 precision.save(map_file)
                 atomic_write_json(out, {
                     "model": self.model_name, "strategy": point.strategy, "budget": point.budget,
@@ -283,7 +295,8 @@ class Pipeline:
         """``search/<label>/precision.yaml`` (kl and hessian on the prototypes when there are any)."""
         out_dir = self.run / "search" / point.label
         settings = dataclasses.replace(self.exp.search, strategy=point.strategy)
-        on_prototypes = self.exp.pipeline.prototypes and point.strategy in ("kl", "hessian", "gumbel")
+        on_prototypes = (self.exp.pipeline.uses_prototypes and self.exp.pipeline.search_on_prototypes
+                         and point.strategy in ("kl", "hessian", "gumbel"))
         inputs = {"label": point.label, "budget": point.budget, "space": self.exp.space, "data": self.data,
                   "search": settings_used(settings, point.strategy), "fp": self._fp_hash(), "corpus": self.corpus_hash,
                   **(self._prototype_inputs() if on_prototypes else {})}
@@ -425,10 +438,10 @@ def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data
     pipe = Pipeline(exp, run_dir, corpus, checkpoint=None if checkpoint is None else Path(checkpoint),
                     device=device, checkpoint_every=checkpoint_every, log=log)
     points = plan_points(exp.pipeline)
-    pipe.total = 2 + int(exp.pipeline.prototypes) + len(pipe.prototype_points()) + 3 * len(points) + int(report)
+    pipe.total = 2 + int(exp.pipeline.uses_prototypes) + len(pipe.prototype_points()) + 3 * len(points) + int(report)
     pipe.fp()
     pipe.evaluate_fp()
-    if exp.pipeline.prototypes:
+    if exp.pipeline.uses_prototypes:
         pipe.prototypes()
         pipe.evaluate_prototypes()
     for stage in (pipe.search, pipe.retrain, pipe.evaluate):

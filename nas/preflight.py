@@ -55,9 +55,10 @@ def check_pipeline(exp: ExperimentConfig, corpus: Corpus, checkpoint: str | Path
     """Everything ``mpnas pipeline`` can check before its FP stage: the sections that work together,
     and the space at every budget (default: those of ``pipeline.budgets``, which the uniform
     baselines use too; an NNI launcher passes the budgets its trials can get)."""
-    if exp.retrain.init == "inherited" and not exp.pipeline.prototypes:
+    if exp.retrain.init == "inherited" and not exp.pipeline.uses_prototypes:
         raise ConfigError(f"{exp.source}: retrain.init is 'inherited', which starts from the prototypes; "
-                          "set pipeline.prototypes: true so that the pipeline builds them")
+                          "set pipeline.prototypes: true so that the pipeline builds them (or "
+                          "pipeline.prototypes_dir: a folder of `mpnas prototypes`)")
     method = exp.pipeline.retrain_method or exp.retrain.method
     try:  # the retrain section as the retrain stages run it
         dataclasses.replace(exp.retrain, method=method)
@@ -66,6 +67,15 @@ def check_pipeline(exp: ExperimentConfig, corpus: Corpus, checkpoint: str | Path
     if budgets is None:
         budgets = [(f"pipeline.budgets[{i}]", b) for i, b in enumerate(exp.pipeline.budgets)]
     check_space(exp, experiment_model(exp, corpus, checkpoint), budgets)
-    if exp.pipeline.prototypes and not any(b < 16 for b in (exp.space or {}).get("bits", DEFAULT_BITS)):
+    if exp.pipeline.uses_prototypes and not any(b < 16 for b in (exp.space or {}).get("bits", DEFAULT_BITS)):
         raise ConfigError(f"{exp.source}: 'pipeline.prototypes' is true, but space.bits has no width below 16 "
                           "to build a prototype of")
+    if exp.pipeline.prototypes_dir is not None:
+        from nas.prototypes import read_index, verify_prototypes
+
+        widths = sorted({int(b) for b in (exp.space or {}).get("bits", DEFAULT_BITS) if b < 16})
+        if checkpoint is not None:
+            verify_prototypes(exp.pipeline.prototypes_dir, widths, checkpoint)
+        elif not read_index(Path(exp.pipeline.prototypes_dir))["prototypes"]:
+            raise ConfigError(f"{exp.source}: pipeline.prototypes_dir {exp.pipeline.prototypes_dir!r} holds no "
+                              "prototypes (expected a folder made by `mpnas prototypes`)")

@@ -132,6 +132,32 @@ def build_prototypes(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str |
     return index
 
 
+def verify_prototypes(out_dir: str | Path, bits: list[int], fp_checkpoint: str | Path) -> dict[str, Any]:
+    """The index of a given prototype folder, checked to serve ``fp_checkpoint`` at every width in ``bits``.
+
+    Raises :class:`PrototypeError` naming the folder when the index is missing, a width has no
+    prototype, a file differs from its index entry, or a prototype was made from another FP checkpoint.
+    """
+    out_dir = Path(out_dir)
+    if not (out_dir / INDEX).is_file():
+        raise PrototypeError(f"{out_dir}: no {INDEX}; expected a folder made by `mpnas prototypes`")
+    entries = read_index(out_dir)["prototypes"]
+    missing = [b for b in bits if str(b) not in entries]
+    if missing:
+        raise PrototypeError(f"{out_dir}: no prototype for width(s) {missing}; it has "
+                             f"{sorted(int(b) for b in entries)} (build them with `mpnas prototypes --bits ...`)")
+    fp_sha = file_sha256(Path(fp_checkpoint))
+    for b in bits:
+        entry = entries[str(b)]
+        path = out_dir / entry["file"]
+        if not path.is_file() or file_sha256(path) != entry["sha256"]:
+            raise PrototypeError(f"{path}: missing or not the file {INDEX} lists (sha256 differs)")
+        if entry["inputs"]["fp_sha256"] != fp_sha:
+            raise PrototypeError(f"{path}: made from another FP checkpoint than {fp_checkpoint}; "
+                                 "build the prototypes from it with `mpnas prototypes`")
+    return {"version": INDEX_VERSION, "prototypes": entries}
+
+
 def load_prototypes(out_dir: str | Path, bits: list[int] | None = None) -> dict[int, nn.Module]:
     """The packed prototypes of ``out_dir`` as models (all widths in the index, or ``bits``).
 

@@ -132,7 +132,7 @@ def test_every_numeric_or_choice_field_has_a_range() -> None:
     """A new int, float or str field without a range fails here (bools and paths have none)."""
     unchecked = [f"{section}.{f.name}" for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)
                  if "check" not in f.metadata and not str(f.type).startswith(("bool", "list", "Any"))]
-    assert unchecked == ["data.path"]
+    assert unchecked == ["data.path", "pipeline.prototypes_dir"]
 
 
 @pytest.mark.parametrize(("raw", "message"), [
@@ -206,4 +206,4 @@ def test_optional_annotations_are_only_where_none_means_something() -> None:
                 if type(None) in typing.get_args(eval(str(f.type), {"Any": Any}))}  # noqa: S307
     assert optional == {"data.path", "train.max_steps_per_epoch", "train.valid_tokens",
                         "retrain.max_steps_per_epoch", "retrain.valid_tokens", "retrain.dropout",
-                        "pipeline.retrain_method", "nni.seed"}
+                        "pipeline.retrain_method", "pipeline.prototypes_dir", "nni.seed"}

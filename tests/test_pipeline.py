@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 import nas.stages
 from nas.cli import main
 from nas.config import ConfigError, load_config
 from nas.pipeline import PipelineError, read_rows, run_pipeline, write_report_of
+from nas.prototypes import PrototypeError
 from nas.stages import ROW_KEYS
 from search_spaces.packed import load_packed
 from search_spaces.precision import PrecisionMap
@@ -339,6 +341,38 @@ def test_pipeline_with_prototypes(tmp_path: Path, corpus_dir: Path) -> None:
     third: list[str] = []
     run_pipeline(changed, tmp_path / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml", log=third.append)
     assert {"prototypes", "search/kl_b2", "search/hessian_b2", "retrain/kl_b2"} <= _ran(third)
+
+    # a given folder (pipeline.prototypes_dir) is checked, never rebuilt or written to; with
+    # search_on_prototypes false kl scores the FP weights while retraining still inherits
+    given = tmp_path / "run" / "prototypes"
+    before = {p.name: p.stat().st_mtime_ns for p in given.iterdir()}
+    fp = tmp_path / "run" / "fp" / "best.pt"
+    reuse = {**raw, "pipeline": {"strategies": ["kl"], "budgets": [2], "include_uniform": False,
+                                 "prototypes_dir": str(given), "search_on_prototypes": False}}
+    fourth: list[str] = []
+    run_pipeline(_write_config(tmp_path, reuse), tmp_path / "run2", data=corpus_dir, checkpoint=fp,
+                 command="x", log=fourth.append)
+    assert not (tmp_path / "run2" / "prototypes").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in given.iterdir()} == before
+    assert PrecisionMap.load(tmp_path / "run2" / "search" / "kl_b2" / "precision.yaml").meta["sensitivity"] == "fp"
+    reused = {row["strategy"] + str(row["budget"]): row for row in read_rows(tmp_path / "run2")}
+    assert {"kl2.0", "prototype1.0", "prototype2.0", "prototype4.0"} <= set(reused)
+    assert "retrain/kl_b2" in _ran(fourth)
+    # a folder without a width of the space is refused before the run folder is made
+    narrow = {**reuse, "space": {"bits": [1, 2, 3]}}
+    with pytest.raises(PrototypeError, match=r"no prototype for width\(s\) \[3\]"):
+        run_pipeline(_write_config(tmp_path, narrow), tmp_path / "run3", data=corpus_dir, checkpoint=fp, command="x")
+    assert not (tmp_path / "run3").exists()
+    # and so is one made from another FP checkpoint
+    other = tmp_path / "other.pt"
+    ckpt = torch.load(fp, weights_only=False)
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name] = ckpt["model"][name] + 1e-3
+    torch.save(ckpt, other)
+    with pytest.raises(PrototypeError, match="another FP checkpoint"):
+        run_pipeline(_write_config(tmp_path, reuse), tmp_path / "run4", data=corpus_dir, checkpoint=other,
+                     command="x")
+    assert not (tmp_path / "run4").exists()
 
 
 def test_inherited_init_needs_pipeline_prototypes(tmp_path: Path, corpus_dir: Path) -> None:

@@ -105,6 +105,16 @@ def test_cli_builds_the_config_widths(fp_run: tuple[Path, Path], tmp_path: Path,
     printed = capsys.readouterr().out
     assert "1-bit: valid ppl" in printed and "2-bit: valid ppl" in printed
     assert sorted(json.loads((tmp_path / "p" / INDEX).read_text())["prototypes"]) == ["1", "2"]
+    # --max-steps caps each width's retraining and is part of its inputs: the capped 2-bit
+    # prototype replaces the full one, the 1-bit one (not asked for) stays
+    before = json.loads((tmp_path / "p" / INDEX).read_text())["prototypes"]
+    assert main(["prototypes", str(config), "--checkpoint", str(fp), "--data", str(corpus_dir), "--out",
+                 str(tmp_path / "p"), "--bits", "2", "--max-steps", "3", "--no-progress", "--threads", "1"]) == 0
+    after = json.loads((tmp_path / "p" / INDEX).read_text())["prototypes"]
+    assert json.loads((tmp_path / "p" / "2bit" / "metrics.json").read_text())["steps"] == 3
+    assert after["1"] == before["1"] and after["2"]["inputs"] != before["2"]["inputs"]
+    assert main(["prototypes", str(config), "--checkpoint", str(fp), "--data", str(corpus_dir), "--out",
+                 str(tmp_path / "p"), "--max-steps", "0"]) == 2
 
 
 def test_inherited_init_starts_every_cluster_from_its_prototype(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
