@@ -285,15 +285,53 @@ class HessianStrategy(ScoreTableStrategy):
         was_training = model.training
         model.eval()  # no dropout: the loss must be one fixed function of the weights
         try:
-            traces = hutchinson_traces(model, names, lm_loss_fn(batches), probes=settings.hessian_probes,
-                                       max_iters=settings.hessian_max_iters, tol=settings.hessian_tol,
-                                       seed=settings.seed)
+            traces = self._traces(model, names, batches, data, settings)
             table = hessian_scores(model, traces, {n: space.candidates[n] for n in names},
                                    granularity=space.granularity, per_weight=settings.hessian_per_weight,
                                    replacements=data.prototypes)
         finally:
             model.train(was_training)  # a search leaves the model's train/eval mode as it found it
         return table, {"hutchinson": trace_evidence(traces, settings)}
+
+    def _traces(self, model: nn.Module, names: list[str], batches: list[tuple[torch.Tensor, torch.Tensor]],
+                data: SearchData, settings: SearchSection) -> dict[str, TraceEstimate]:
+        """Hutchinson traces of the FP model, cached apart from the score table.
+
+        The traces depend on the weights, the clusters, the batches and the probe settings, not
+        on the candidates or the prototypes: scoring on FP weights and on prototypes (or another
+        prototype set) reuses them, and they are the expensive part (17 min of the PTB
+        Transformer's 2 batches on one core, against seconds for the perturbations).
+        """
+        cache = None
+        if data.cache_dir is not None:
+            digest = hashlib.sha256()
+            for name, tensor in model.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            for inputs, targets in batches:
+                digest.update(inputs.cpu().contiguous().numpy().tobytes())
+                digest.update(targets.cpu().contiguous().numpy().tobytes())
+            settings_key = {k: v for k, v in self.settings_key(settings).items() if k != "hessian_per_weight"}
+            digest.update(json.dumps({"clusters": names, **settings_key}, sort_keys=True).encode())
+            cache = data.cache_dir / f"traces_hessian_{digest.hexdigest()[:16]}.json"
+            if cache.is_file():
+                stored = json.loads(cache.read_text())["traces"]
+                return {n: TraceEstimate(float(stored[n]["trace"]), int(stored[n]["iters"]),
+                                         _from_json(stored[n]["std_error"]), _from_json(stored[n]["rel_error"]),
+                                         bool(stored[n]["capped"])) for n in names}  # the clusters' order
+        traces = hutchinson_traces(model, names, lm_loss_fn(batches), probes=settings.hessian_probes,
+                                   max_iters=settings.hessian_max_iters, tol=settings.hessian_tol, seed=settings.seed)
+        if cache is not None:
+            atomic_write_json(cache, {"traces": {n: {"trace": e.trace, "iters": e.iters,
+                                                     "std_error": _finite(e.std_error),
+                                                     "rel_error": _finite(e.rel_error), "capped": e.capped}
+                                                 for n, e in traces.items()}})
+        return traces
+
+
+def _from_json(value: float | None) -> float:
+    """Inverse of :func:`_finite` for standard errors: None (a single probe's) is inf."""
+    return math.inf if value is None else float(value)
 
 
 def _finite(value: float) -> float | None:

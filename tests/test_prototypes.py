@@ -200,6 +200,37 @@ def test_search_on_prototypes(strategy: str, fp_run: tuple[Path, Path], tmp_path
     assert len(list((tmp_path / "cache").glob(f"scores_{strategy}_*.json"))) == 2
 
 
+def test_hessian_traces_are_shared_by_both_modes(fp_run: tuple[Path, Path], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FP model's traces do not depend on the prototypes: the second mode reuses them (same
+    scores as a run without the cache), and other batches (hessian_batches) compute new ones."""
+    import nas.strategies
+
+    corpus_dir, fp = fp_run
+    build_prototypes(parse_config(EXP), load_corpus(corpus_dir), fp, [1, 2, 4], tmp_path / "p")
+    calls: list[int] = []
+    real = nas.strategies.hutchinson_traces
+    monkeypatch.setattr(nas.strategies, "hutchinson_traces", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = tmp_path / "exp.yaml"
+
+    def search(out: str, *extra: str, batches: int = 1) -> PrecisionMap:
+        config.write_text(yaml.safe_dump({**EXP, "budget": {"avg_bits": 2.0},
+                                          "search": {"hessian_batches": batches, "hessian_max_iters": 40}}))
+        assert main(["search", str(config), "--checkpoint", str(fp), "--data", str(corpus_dir), "--strategy",
+                     "hessian", "--threads", "1", "--out", str(tmp_path / out), *extra]) == 0
+        return PrecisionMap.load(tmp_path / out)
+
+    cache = ["--cache", str(tmp_path / "cache")]
+    search("fp.yaml", *cache)
+    proto = search("proto.yaml", *cache, "--prototypes", str(tmp_path / "p"))
+    assert len(calls) == 1 and len(list((tmp_path / "cache").glob("traces_hessian_*.json"))) == 1
+    fresh = search("fresh.yaml", "--cache", str(tmp_path / "other"), "--prototypes", str(tmp_path / "p"))
+    assert len(calls) == 2 and fresh.meta["scores"] == proto.meta["scores"]
+    assert fresh.meta["hutchinson"] == proto.meta["hutchinson"]
+    search("two.yaml", *cache, batches=2)
+    assert len(calls) == 3 and len(list((tmp_path / "cache").glob("traces_hessian_*.json"))) == 2
+
+
 def test_supernet_over_prototypes_mixes_the_prototype_weights() -> None:
     """Prototype mode: W_mix = sum_b pi_b P_b with constant P_b (W itself only as the 32-bit candidate)."""
     from nas.gumbel import GumbelSupernet
