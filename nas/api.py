@@ -64,8 +64,9 @@ from search_spaces.precision import PrecisionMap
 from search_spaces.space import Budget, SearchSpace
 
 __all__ = ["RETRAIN_CONFIGS", "STRATEGY_CONFIGS", "AdmmConfig", "GumbelConfig", "HessianConfig", "KLConfig",
-           "PrecisionMap", "RandomConfig", "SearchData", "SearchSpace", "SteConfig", "UniformConfig", "as_lm",
-           "evaluate", "export", "load_packed", "make_space", "quantize_", "retrain", "search"]
+           "PrecisionMap", "RandomConfig", "RetrainConfig", "SearchData", "SearchSpace", "SteConfig", "StrategyConfig",
+           "UniformConfig", "as_lm", "evaluate", "export", "load_packed", "make_space", "quantize_", "retrain",
+           "search", "strategy_config"]
 
 BudgetSpec = float | Mapping[str, float] | None
 
@@ -93,20 +94,24 @@ def make_space(model: nn.Module, space: SearchSpace | Mapping[str, Any] | None =
     return SearchSpace.from_config(space, raw_budget, model, "<library>")
 
 
-def _search_data(model: nn.Module, data: torch.Tensor | SearchData, device: str) -> SearchData:
+def _search_data(model: nn.Module, data: torch.Tensor | SearchData, device: str | None) -> SearchData:
     """``data`` as given, or a token stream used for training batches and held-out scoring both."""
     if isinstance(data, SearchData):
         return data
     if not isinstance(data, torch.Tensor) or data.dim() != 1 or data.is_floating_point():
         raise TypeError("data must be a SearchData or a 1-D integer token stream")
-    recurrent = hasattr(as_lm(model), "init_state")
-    length = default(DataSection, "bptt" if recurrent else "context")
+    lm = as_lm(model)
+    if hasattr(lm, "init_state"):
+        length = default(DataSection, "bptt")
+    else:  # the data section's window, at most the model's own context
+        own = getattr(getattr(lm, "config", None), "context", None)
+        length = min(default(DataSection, "context"), own or default(DataSection, "context"))
     return SearchData(train=data, valid=data, batch_size=default(DataSection, "batch_size"), length=length,
-                      device=device)
+                      device=device or str(next(model.parameters()).device))
 
 
 def search(model: nn.Module, space: SearchSpace | Mapping[str, Any] | None, strategy: str | StrategyConfig | None,
-           data: torch.Tensor | SearchData, *, budget: BudgetSpec = None, device: str = "cpu") -> PrecisionMap:
+           data: torch.Tensor | SearchData, *, budget: BudgetSpec = None, device: str | None = None) -> PrecisionMap:
     """A precision map of ``model`` inside ``space`` that meets the budget, found by ``strategy``.
 
     ``space``: a :class:`SearchSpace`, the keys of an experiment's ``space`` section
@@ -114,7 +119,8 @@ def search(model: nn.Module, space: SearchSpace | Mapping[str, Any] | None, stra
     (:class:`KLConfig`...), a strategy name (its defaults) or None (``search.strategy``'s default).
     ``data``: a 1-D token stream (training batches of the data section's default shape, and its
     start as kl's held-out text) or a :class:`SearchData` for full control. ``budget``: average
-    bits or a ``budget`` section; required unless the space has one. ``model`` is left as it was.
+    bits or a ``budget`` section; required unless the space has one. ``device``: where the strategy
+    runs (default: the model's). ``model`` is left as it was.
     """
     config = strategy_config(strategy)
     resolved = make_space(model, space, budget)

@@ -4,7 +4,7 @@ The same hooks as ``mpnas retrain`` (STE, nas/ste.py; ADMM, nas/admm.py) and the
 learning-rate schedule, loss scaling, gradient clipping and divergence check as nas/train.py,
 without an experiment file, a corpus, a run folder or checkpoints. The data is a 1-D token stream
 (cut as the ``data`` section would: contiguous rows of ``bptt`` steps with the state carried for
-recurrent models, shuffled windows of ``context`` tokens otherwise) or a sequence of
+recurrent models, shuffled windows of ``context`` tokens, at most the model's own, otherwise) or a sequence of
 ``(inputs, targets)`` batches (each run from the model's initial state). Every epoch is trained
 (no validation picks a best one); at the end the weights are those the forward trained with,
 projected onto their tables (as ``best.pt`` holds them), and the leftovers at the map's
@@ -56,7 +56,9 @@ def epoch_batches(model: nn.Module, stream: torch.Tensor, config: RetrainConfig,
     if hasattr(model, "init_state"):
         rows = stream_batches(stream, config.batch_size, config.bptt)
         return [(x, y) for _, x, y in iter_stream_chunks(rows, config.bptt)]
-    return window_batches(stream, config.context, config.batch_size, generator)
+    # windows of config.context tokens, but never longer than the model's own context
+    context = min(config.context, getattr(getattr(model, "config", None), "context", None) or config.context)
+    return window_batches(stream, context, config.batch_size, generator)
 
 
 def _step(model: nn.Module, hooks: TrainingHooks, optimizer: torch.optim.Optimizer, section: RetrainSection,

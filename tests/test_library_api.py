@@ -119,6 +119,23 @@ def test_search_takes_names_budget_kinds_and_spaces(pretrained: dict, streams: t
         search(model, None, "greedy", streams[0], budget=2.0)
 
 
+@pytest.mark.parametrize("strategy", ["kl", "hessian", "gumbel"])
+def test_the_verbs_take_mpnas_models_too(strategy: str, streams: tuple, tmp_path: Path) -> None:
+    """A Transformer whose context (16) is below the data section's window (64) runs on its own."""
+    from nas.api import HessianConfig, SteConfig, evaluate, export, load_packed, retrain, search, strategy_config
+    from search_spaces.models import TransformerConfig, TransformerLM
+
+    config = TransformerConfig(vocab_size=50, d_model=16, num_layers=1, num_heads=2, d_ff=32, context=16)
+    model = TransformerLM(config)
+    chosen = HessianConfig(hessian_batches=1, hessian_max_iters=30) if strategy == "hessian" else strategy
+    precision = search(model, {"bits": [2, 4]}, chosen, streams[0], budget=3.0)
+    assert precision.meta["strategy"] == strategy_config(chosen).name
+    retrain(model, precision, streams[0], SteConfig(epochs=1, max_steps_per_epoch=2))
+    export(model, precision, tmp_path / "ours.mpq")
+    loaded, _ = load_packed(tmp_path / "ours.mpq")  # an mpnas model is rebuilt from the header
+    assert evaluate(loaded, streams[1]) == evaluate(model, streams[1])
+
+
 def test_every_verb_and_config_imports_from_one_module() -> None:
     import nas.api as api
 
