@@ -112,11 +112,9 @@ def _scales_bytes(alpha: torch.Tensor) -> bytes:
 def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -> dict[str, Any]:
     """Quantize ``model`` in place at ``precision`` and write it packed to ``path`` (atomically).
 
-    Returns the header. For an mpnas model the file holds its config, so :func:`load_packed`
-    rebuilds it; for any other torch module (or its :func:`~search_spaces.models.protocol.as_lm`
-    adapter) the header names its class and :func:`load_packed` fills a skeleton
-    (``model=``). After the call the model's weights equal what :func:`load_packed` returns, bit
-    for bit.
+    Returns the header, which holds an mpnas model's config (a plain torch module's class only:
+    :func:`load_packed` then fills a skeleton). After the call the model's weights equal what
+    :func:`load_packed` returns, bit for bit.
     """
     quantized = quantize_all_(model, precision)
     results = quantized.clusters
