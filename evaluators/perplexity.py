@@ -6,7 +6,7 @@ Every token of the stream is scored exactly once: the stream is preceded by one
 - Recurrent models (with ``init_state``): ``batch_size`` contiguous rows with the hidden
   state carried across chunks; the tokens left over after the rows are scored by
   continuing the last row, so nothing is dropped.
-- Window models (Transformers): sliding windows of ``model.config.context`` tokens;
+- Window models (Transformers): sliding windows of ``model.config.context`` tokens (or ``context``);
   after the first window each new window scores only its last ``stride`` tokens, so
   every token but the first few sees at least ``context - stride`` tokens of history.
 """
@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from search_spaces.models.protocol import as_lm, select_state
 
 
 def _summed_nll(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, state: object
@@ -42,7 +44,7 @@ def _recurrent_nll(model: nn.Module, stream: torch.Tensor, batch_size: int, bptt
         total += nll
     tail_start = batch_size * length
     if tail_start < n:  # continue the last row over the leftover tokens
-        last = [(h[-1:], c[-1:]) for h, c in state] if state is not None else None
+        last = select_state(model, state, slice(-1, None)) if state is not None else None
         for begin in range(tail_start, n, bptt):
             end = min(begin + bptt, n)
             nll, last = _summed_nll(model, stream[begin:end].view(1, -1).to(device),
@@ -53,7 +55,10 @@ def _recurrent_nll(model: nn.Module, stream: torch.Tensor, batch_size: int, bptt
 
 def _window_nll(model: nn.Module, stream: torch.Tensor, batch_size: int, stride: int,
                 device: torch.device) -> float:
-    context = model.config.context
+    context = getattr(getattr(model, "config", None), "context", None)
+    if context is None:
+        raise ValueError(f"{type(model).__name__} is run in windows (it has no recurrent state) but has no context; "
+                         "pass context= (the longest window it takes)")
     stride = max(1, min(stride, context))
     n = stream.numel() - 1
     ends = list(range(min(context, n), n, stride))
@@ -86,13 +91,17 @@ def _window_nll(model: nn.Module, stream: torch.Tensor, batch_size: int, stride:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, tokens: torch.Tensor, start_token: int, *, batch_size: int = 10,
-               bptt: int = 35, stride: int = 32, device: torch.device | str | None = None) -> dict[str, float]:
+               bptt: int = 35, stride: int = 32, device: torch.device | str | None = None,
+               context: int | None = None) -> dict[str, float]:
     """Score every token of ``tokens`` (a 1-D id stream); returns loss, ppl and token count.
 
-    ``start_token`` (normally ``<eos>``) is the context before the first token.
+    ``start_token`` (normally ``<eos>``) is the context before the first token. ``model`` is an
+    mpnas LM or a plain torch module (:func:`~search_spaces.models.protocol.as_lm`); ``context`` is
+    the window length of a plain window model (mpnas Transformers use their own).
     """
     if tokens.dim() != 1 or tokens.numel() == 0:
         raise ValueError(f"expected a non-empty 1-D token stream, got shape {tuple(tokens.shape)}")
+    model = as_lm(model, context=context)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     stream = torch.cat([torch.tensor([start_token]), tokens.cpu()])
     was_training = model.training

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import yaml
 
 from nas.data import CorpusOptions
+from nas.gumbel import GumbelSettings
 from nas.schema import Check as Check  # re-exported: the schema's names, importable with the sections
 from nas.schema import (
     ConfigError,
@@ -146,18 +147,19 @@ class SearchSection:
     SECTION: ClassVar[str] = "search"
     strategy: str = one_of("gumbel", *STRATEGY_NAMES)
     seed: int = bounded(0, ge=0, le=MAX_SEED)
-    # gumbel (nas/gumbel.py): supernet training
-    epochs: float = bounded(1.0, gt=0)
-    weight_lr: float = bounded(0.05, gt=0)
-    arch_lr: float = bounded(0.01, gt=0)
-    lambda_lr: float = bounded(0.01, ge=0)
-    lambda_kp: float = bounded(10.0, ge=0)
-    tau_start: float = bounded(5.0, gt=0)
-    tau_end: float = bounded(0.5, gt=0)  # and <= tau_start: the temperature anneals down
-    bilevel: bool = True
-    arch_fraction: float = bounded(0.1, gt=0, lt=1)  # tail of the train split held out for the logits
-    rescale_every: int = bounded(50, ge=1)
-    fill_budget: bool = True  # export spends the bits the argmax leaves unused (nas/gumbel.py)
+    # gumbel (nas/gumbel.py): supernet training; the defaults are GumbelSettings' (defined there once)
+    epochs: float = bounded(GumbelSettings.epochs, gt=0)
+    weight_lr: float = bounded(GumbelSettings.weight_lr, gt=0)
+    arch_lr: float = bounded(GumbelSettings.arch_lr, gt=0)
+    lambda_lr: float = bounded(GumbelSettings.lambda_lr, ge=0)
+    lambda_kp: float = bounded(GumbelSettings.lambda_kp, ge=0)
+    tau_start: float = bounded(GumbelSettings.tau_start, gt=0)
+    tau_end: float = bounded(GumbelSettings.tau_end, gt=0)  # and <= tau_start: the temperature anneals down
+    bilevel: bool = GumbelSettings.bilevel
+    # tail of the train split held out for the logits
+    arch_fraction: float = bounded(GumbelSettings.arch_fraction, gt=0, lt=1)
+    rescale_every: int = bounded(GumbelSettings.rescale_every, ge=1)
+    fill_budget: bool = GumbelSettings.fill_budget  # export spends the bits the argmax leaves unused (nas/gumbel.py)
     # kl: tokens of the held-out slice (the start of the valid split)
     kl_tokens: int = bounded(10000, ge=1)
     # hessian: batches of the loss, probe type, stopping rule. hessian_tol is the relative standard

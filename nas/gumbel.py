@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 from nas.data import stream_batches, window_batches
 from nas.errors import MpnasError
-from search_spaces.precision import Cluster, PrecisionMap, find_clusters
+from search_spaces.precision import Cluster, PrecisionMap, cluster_parameter, cluster_weight, find_clusters
 from search_spaces.quant import FULL_PRECISION, fake_quantize, solve_scale, table_values
 
 
@@ -135,10 +135,6 @@ class GumbelSupernet(nn.Module):
         if unknown:
             raise ValueError(f"candidates name clusters the model does not have: {unknown}")
         self.clusters = {name: clusters[name] for name in clusters if name in candidates}
-        for name, cluster in self.clusters.items():
-            if cluster.rows is not None:
-                raise ValueError(f"cluster {name} is a row slice of {_param_key(cluster)}; the supernet needs "
-                                 "whole-tensor clusters (convert torch's nn.LSTM with from_torch_lstm)")
         self.candidates = {name: tuple(sorted(candidates[name])) for name in self.clusters}
         # ParameterDict keys may not contain dots.
         self.logits = nn.ParameterDict({self._key(n): nn.Parameter(torch.zeros(len(b)))
@@ -169,8 +165,36 @@ class GumbelSupernet(nn.Module):
         return list(self.logits.values())
 
     def _weight(self, name: str) -> torch.Tensor:
-        cluster = self.clusters[name]
-        return self.model.get_submodule(cluster.module).get_parameter(cluster.param)
+        """The cluster's live weights: its whole parameter, or its rows of a fused one (torch's nn.LSTM)."""
+        return cluster_weight(self.model, self.clusters[name])
+
+    def _assemble(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{parameter key: composite weight}`` from each cluster's composite weight.
+
+        A fused parameter (the gate rows of torch's nn.LSTM, q/k/v of nn.MultiheadAttention) is
+        the concatenation of its clusters' rows in order; rows of no searched cluster stay live.
+        """
+        mixed: dict[str, torch.Tensor] = {}
+        fused: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
+        for name, part in parts.items():
+            cluster = self.clusters[name]
+            if cluster.rows is None:
+                mixed[_param_key(cluster)] = part
+            else:
+                fused.setdefault(_param_key(cluster), []).append((*cluster.rows, part))
+        for key, pieces in fused.items():
+            cluster = next(self.clusters[n] for n in parts if _param_key(self.clusters[n]) == key)
+            whole = cluster_parameter(self.model, cluster)
+            rows, cursor = [], 0
+            for lo, hi, part in sorted(pieces, key=lambda piece: piece[0]):
+                if lo > cursor:
+                    rows.append(whole[cursor:lo])
+                rows.append(part)
+                cursor = hi
+            if cursor < whole.shape[0]:
+                rows.append(whole[cursor:])
+            mixed[key] = torch.cat(rows)
+        return mixed
 
     @torch.no_grad()
     def refresh_scales(self) -> None:
@@ -200,11 +224,11 @@ class GumbelSupernet(nn.Module):
         for name, bits_list in self.candidates.items():
             weight = self._weight(name)
             if self.prototype:
-                mixed[_param_key(self.clusters[name])] = self._mixed_prototypes(name, weight, tau, generator)
+                mixed[name] = self._mixed_prototypes(name, weight, tau, generator)
                 continue
             if len(bits_list) == 1:
                 only = bits_list[0]
-                mixed[_param_key(self.clusters[name])] = (
+                mixed[name] = (
                     weight if only == FULL_PRECISION else fake_quantize(weight, only, alpha=self.alpha[(name, only)]))
                 continue
             logits = self.logits[self._key(name)]
@@ -213,8 +237,8 @@ class GumbelSupernet(nn.Module):
                 logits = logits - torch.log(-torch.log(uniform))
             pi = F.softmax(logits / tau, dim=0)
             alphas = tuple(self.alpha.get((name, b)) for b in bits_list)
-            mixed[_param_key(self.clusters[name])] = _MixedQuantize.apply(weight, pi, bits_list, alphas)
-        return mixed
+            mixed[name] = _MixedQuantize.apply(weight, pi, bits_list, alphas)
+        return self._assemble(mixed)
 
     def _candidate(self, name: str, bits: int, weight: torch.Tensor) -> torch.Tensor:
         """Prototype mode: the b-bit candidate of ``name`` (the live weight at 32 bits)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from nas.config import ExperimentConfig, load_config
+from nas.config import STRATEGY_NAMES, ExperimentConfig, load_config
 from nas.data import DataError, describe_vocab_mismatch, format_corpus_summary, load_corpus, resolve_data_dir
 from nas.errors import UsageError
 from search_spaces.models import build_model
@@ -114,10 +114,10 @@ def add_space_parser(sub: Any) -> None:
 
 def add_search_parser(sub: Any) -> None:
     """Register ``mpnas search``."""
-    p = sub.add_parser("search", help="search a precision map (gumbel, kl, hessian, uniform, random)")
+    p = sub.add_parser("search", help=f"search a precision map ({', '.join(STRATEGY_NAMES)})")
     p.add_argument("config", help="experiment YAML (its space, budget and search sections)")
     p.add_argument("--checkpoint", required=True, help="the FP best.pt to search from")
-    p.add_argument("--strategy", choices=["gumbel", "kl", "hessian", "uniform", "random"])
+    p.add_argument("--strategy", choices=STRATEGY_NAMES)
     p.add_argument("--budget", help="override: 2 (avg bits), size_mb=1.5 or compression=16")
     p.add_argument("--out", required=True, help="precision map to write (.yaml or .json)")
     p.add_argument("--cache", help="score-table cache folder (default: OUT's folder/score_cache)")

@@ -46,8 +46,10 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nas.errors import MpnasError
+from search_spaces.models.protocol import as_lm
 from search_spaces.precision import Cluster, cluster_parameter, cluster_weight, find_clusters
 from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS, quantization_error, quantize
 
@@ -225,6 +227,7 @@ def kl_scores(model: nn.Module, candidates: Mapping[str, Sequence[int]], tokens:
     for key, value in (("batch_size", batch_size), ("bptt", bptt), ("context", context)):
         if value is not None and value < 1:
             raise ValueError(f"{key}={value} must be >= 1")
+    model = as_lm(model, context=context)  # a plain torch module: clusters and weights stay its own
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -350,7 +353,9 @@ def hutchinson_traces(model: nn.Module, clusters: Sequence[str], loss_fn: Callab
     try:
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        # torch's fused attention kernels (nn.MultiheadAttention's) have no double backward; the
+        # math kernel, chosen while the graph is built, has one.
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
             loss = loss_fn(model)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__} "
@@ -462,8 +467,9 @@ def lm_loss_fn(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Callable
 
     ``batches`` are ``(inputs, targets)`` pairs of ``[batch, time]`` token ids. Each batch runs
     from the model's default state (zero state for recurrent models, no history for window
-    models), so the closure needs no knowledge of the model type; batches are weighted by their
-    token counts and moved to the model's device at call time.
+    models), so the closure needs no knowledge of the model type (a plain torch module is run
+    through :func:`~search_spaces.models.protocol.as_lm`); batches are weighted by their token
+    counts and moved to the model's device at call time.
     """
     checked: list[tuple[torch.Tensor, torch.Tensor]] = []
     for i, batch in enumerate(batches):
@@ -479,6 +485,7 @@ def lm_loss_fn(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Callable
     total = sum(t.numel() for _, t in checked)
 
     def loss_fn(model: nn.Module) -> torch.Tensor:
+        model = as_lm(model)  # a plain torch module takes no targets: the adapter computes the loss
         device = next(model.parameters()).device
         loss = torch.zeros((), device=device)
         for inputs, targets in checked:

@@ -46,6 +46,7 @@ from nas.sensitivity import (
     lm_loss_fn,
 )
 from search_spaces.atomic import atomic_write_json
+from search_spaces.models.protocol import as_lm
 from search_spaces.precision import PrecisionMap
 from search_spaces.space import SearchSpace
 
@@ -212,6 +213,9 @@ class ScoreTableStrategy(abc.ABC):
     def search(self, model: nn.Module, space: SearchSpace, data: SearchData, settings: SearchSection
                ) -> PrecisionMap:
         start = time.perf_counter()
+        # a plain torch module runs behind the LM protocol; a window model without a context of
+        # its own takes the data's window length
+        model = as_lm(model, context=data.length)
         table, cached, evidence = None, False, {}
         key = _fingerprint(model, space, {"strategy": self.name, **self.settings_key(settings)}, data.prototypes)
         cache = data.cache_dir / f"scores_{self.name}_{key}.json" if data.cache_dir else None
@@ -364,6 +368,7 @@ class GumbelStrategy:
 
     def search(self, model: nn.Module, space: SearchSpace, data: SearchData, settings: SearchSection
                ) -> PrecisionMap:
+        model = as_lm(model, context=data.length)  # a plain torch module: as in ScoreTableStrategy.search
         fields = {f: getattr(settings, f) for f in GumbelSettings.__dataclass_fields__ if hasattr(settings, f)}
         searchable = {n: space.candidates[n] for n in space.searchable}
         result = gumbel_search(copy.deepcopy(model), searchable, data.train, max_weight_bits=_cap(space),
@@ -372,9 +377,10 @@ class GumbelStrategy:
         return _finish(space, dict(result.bits), dict(result.meta))
 
 
+# Keyed by each class's ``name``; nas.config.STRATEGY_NAMES lists the same names for the schema
+# (it cannot import this module), and tests/test_library_api.py checks that the two agree.
 STRATEGIES: dict[str, Callable[[], Strategy]] = {
-    "uniform": UniformStrategy, "random": RandomStrategy, "kl": KLStrategy, "hessian": HessianStrategy,
-    "gumbel": GumbelStrategy,
+    cls.name: cls for cls in (GumbelStrategy, KLStrategy, HessianStrategy, UniformStrategy, RandomStrategy)
 }
 
 

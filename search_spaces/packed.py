@@ -51,6 +51,7 @@ from nas.errors import MpnasError
 from search_spaces.apply import quantize_all_
 from search_spaces.atomic import atomic_write_bytes
 from search_spaces.models import build_model, model_config_dict
+from search_spaces.models.protocol import unwrap
 from search_spaces.precision import Cluster, PrecisionMap, find_clusters
 from search_spaces.quant import FULL_PRECISION, AffineResult, dequantize, dequantize_affine, qmax
 
@@ -58,6 +59,7 @@ MAGIC = b"MPNASPK1"
 FORMAT_VERSION = 2  # the newest layout this module reads and writes
 READ_VERSIONS = (1, 2)
 _AFFINE_VERSION = 2  # first format with "affine" pieces
+PLAIN_MODULE = "module"  # the header's model type of a plain torch module (no config to rebuild it from)
 _UNSIGNED = {8: np.dtype("<u1"), 16: np.dtype("<u2")}  # storage of affine codes by bit width
 
 
@@ -110,8 +112,9 @@ def _scales_bytes(alpha: torch.Tensor) -> bytes:
 def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -> dict[str, Any]:
     """Quantize ``model`` in place at ``precision`` and write it packed to ``path`` (atomically).
 
-    Returns the header. The model must be an mpnas model (its config goes into the file);
-    after the call the model's weights equal what :func:`load_packed` returns, bit for bit.
+    Returns the header, which holds an mpnas model's config (a plain torch module's class only:
+    :func:`load_packed` then fills a skeleton). After the call the model's weights equal what
+    :func:`load_packed` returns, bit for bit.
     """
     quantized = quantize_all_(model, precision)
     results = quantized.clusters
@@ -163,12 +166,21 @@ def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -
             entry["pieces"].append(_fp32_piece(data.reshape(rows, -1)[cursor:] if data.dim() else data,
                                                (cursor, rows), put))
     version = _AFFINE_VERSION if leftovers else 1
-    header = {"format_version": version, "model": model_config_dict(model),
+    header = {"format_version": version, "model": _model_header(model),
               "precision": precision.to_dict(), "tensors": entries, "payload_bytes": len(payload),
               "payload_crc32": zlib.crc32(payload)}
     blob = json.dumps(header, sort_keys=True).encode("utf-8")
     atomic_write_bytes(Path(path), MAGIC + struct.pack("<Q", len(blob)) + blob + bytes(payload))
     return header
+
+
+def _model_header(model: nn.Module) -> dict[str, Any]:
+    """The header's ``model``: an mpnas model's config, else ``{"type": "module", "class": ...}``."""
+    try:
+        return model_config_dict(model)
+    except TypeError:
+        cls = type(unwrap(model))
+        return {"type": PLAIN_MODULE, "class": f"{cls.__module__}.{cls.__qualname__}"}
 
 
 def _fp32_piece(data: torch.Tensor, rows: tuple[int, int], put: Any) -> dict[str, Any]:
@@ -255,14 +267,25 @@ def _decode_affine(piece: dict[str, Any], block: bytes, payload: bytes, count: i
     return dequantize_affine(codes, scale, low)
 
 
-def load_packed(path: str | Path) -> tuple[nn.Module, PrecisionMap]:
-    """Rebuild the runnable mpnas model stored in a packed file, and its precision map."""
+def load_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, PrecisionMap]:
+    """The runnable model stored in a packed file, and its precision map.
+
+    Without ``model`` the mpnas model the header describes is built. With ``model`` (a skeleton:
+    the same architecture, any weights; a plain torch module or an mpnas model) its weights are
+    overwritten in place with the file's and it is returned; a file of a plain torch module needs
+    one. The map is checked against the model's clusters.
+    """
     header, state = read_packed(path)
-    config = dict(header["model"])
+    config = dict(header.get("model") or {})
+    if model is None and config.get("type") == PLAIN_MODULE:
+        raise PackedFileError(f"{path}: holds the weights of a plain torch module ({config.get('class')}), not "
+                              "an mpnas model; pass model= a skeleton of that module to fill")
     try:
-        model = build_model(config.pop("type"), **config)
+        if model is None:
+            model = build_model(config.pop("type"), **config)
         model.load_state_dict(state)
         precision = PrecisionMap.from_dict(header["precision"])
+        precision.validate(model)
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-        raise PackedFileError(f"{path}: header does not describe a loadable mpnas model ({exc})") from exc
+        raise PackedFileError(f"{path}: header does not describe a loadable model ({exc})") from exc
     return model, precision

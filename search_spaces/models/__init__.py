@@ -7,6 +7,7 @@ from dataclasses import fields
 from torch import nn
 
 from search_spaces.models.lstm_lm import LSTMLM, LMOutput, LSTMConfig, from_torch_lstm, to_torch_lstm
+from search_spaces.models.protocol import LanguageModel, ModuleLM, RecurrentLanguageModel, as_lm, unwrap
 from search_spaces.models.transformer_lm import TransformerConfig, TransformerLM
 
 MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -14,8 +15,9 @@ MODEL_TYPES: dict[str, tuple[type, type[nn.Module]]] = {
     "transformer": (TransformerConfig, TransformerLM),
 }
 
-__all__ = ["LMOutput", "LSTMConfig", "LSTMLM", "MODEL_TYPES", "TransformerConfig",
-           "TransformerLM", "build_model", "from_torch_lstm", "model_config_dict", "to_torch_lstm"]
+__all__ = ["LMOutput", "LSTMConfig", "LSTMLM", "LanguageModel", "MODEL_TYPES", "ModuleLM", "RecurrentLanguageModel",
+           "TransformerConfig", "TransformerLM", "as_lm", "build_model", "from_torch_lstm", "model_config_dict",
+           "to_torch_lstm", "unwrap"]
 
 
 def build_model(kind: str, **kwargs: object) -> nn.Module:

@@ -99,6 +99,8 @@ class LSTMLayer(nn.Module):
 class LSTMLM(nn.Module):
     """Embedding -> stacked LSTM -> softmax ("decoder"), Zaremba-style dropout between."""
 
+    is_mpnas_lm = True  # implements search_spaces.models.protocol.RecurrentLanguageModel
+
     def __init__(self, config: LSTMConfig) -> None:
         super().__init__()
         self.config = config
@@ -143,6 +145,11 @@ class LSTMLM(nn.Module):
     def detach_state(state: LSTMState) -> LSTMState:
         """Cut the graph between chunks (truncated BPTT)."""
         return [(h.detach(), c.detach()) for h, c in state]
+
+    @staticmethod
+    def select_state(state: LSTMState, rows: slice) -> LSTMState:
+        """The state of batch rows ``rows`` only."""
+        return [(h[rows], c[rows]) for h, c in state]
 
 
 def from_torch_lstm(embedding: nn.Embedding, lstm: nn.LSTM, decoder: nn.Linear,

@@ -101,6 +101,8 @@ class Block(nn.Module):
 class TransformerLM(nn.Module):
     """Token + learned position embeddings -> blocks -> final LN -> softmax ("decoder")."""
 
+    is_mpnas_lm = True  # implements search_spaces.models.protocol.LanguageModel (config.context: its window)
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config

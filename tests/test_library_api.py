@@ -1,0 +1,188 @@
+"""Issue 14 item 3: the library verbs, from one module, on plain torch LMs; the README's example runs here."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.plain_lms import PlainLSTM, PlainTransformer, pretrain, token_stream
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+STRATEGY_LINE = re.compile(r"^strategy = .*$", re.MULTILINE)
+# The README's strategy line, replaced per strategy; hessian with a cap a test can afford.
+STRATEGIES = {"kl": None, "hessian": "strategy = HessianConfig(hessian_batches=1, hessian_max_iters=40)",
+              "gumbel": "strategy = GumbelConfig()"}
+MODELS = {"lstm": PlainLSTM, "transformer": PlainTransformer}
+
+
+def readme_example() -> str:
+    """The first python block of the README's "Use it as a library" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("### Use it as a library", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module")
+def streams() -> tuple[torch.Tensor, torch.Tensor]:
+    return token_stream(4000), token_stream(600, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pretrained(streams: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.nn.Module]:
+    return {kind: pretrain(cls(), streams[0]) for kind, cls in MODELS.items()}
+
+
+def test_readme_example_is_short_and_uses_one_import() -> None:
+    code = [line for line in readme_example().splitlines() if line.strip()]
+    assert len(code) < 10
+    imports = [line for line in code if line.startswith(("import ", "from "))]
+    assert imports == [imports[0]] and imports[0].startswith("from nas.api import ")
+    assert len(STRATEGY_LINE.findall(readme_example())) == 1
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_readme_example_runs_on_plain_torch_lms(kind: str, strategy: str, pretrained: dict, streams: tuple,
+                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nas.api import GumbelConfig, HessianConfig, evaluate, make_space
+
+    code = readme_example()
+    if STRATEGIES[strategy] is not None:
+        code = STRATEGY_LINE.sub(STRATEGIES[strategy], code)
+    model = copy.deepcopy(pretrained[kind])
+    skeleton = MODELS[kind](seed=7)
+    train_tokens, test_tokens = streams
+    namespace = {"model": model, "skeleton": skeleton, "train_tokens": train_tokens, "test_tokens": test_tokens,
+                 "HessianConfig": HessianConfig, "GumbelConfig": GumbelConfig}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README's own example
+
+    precision, loaded = namespace["precision"], namespace["loaded"]
+    assert precision.meta["strategy"] == strategy
+    space = make_space(pretrained[kind], {"bits": [2, 4, 8]}, 4.0)
+    assert space.contains(precision) and space.fits_budget(precision)
+    assert loaded is skeleton and (tmp_path / "model.mpq").is_file()
+    for (name, a), (other, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert name == other and torch.equal(a, b), name  # the packed round trip is bit-identical
+    assert evaluate(model, test_tokens, precision=precision) == evaluate(loaded, test_tokens, precision=precision)
+
+
+@pytest.mark.parametrize("method", ["ste", "admm"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_retrain_takes_a_model_and_a_method_config(kind: str, method: str, pretrained: dict, streams: tuple) -> None:
+    from nas.api import AdmmConfig, PrecisionMap, SteConfig, evaluate, retrain
+    from search_spaces.quant import quantize
+
+    model = copy.deepcopy(pretrained[kind])
+    precision = PrecisionMap.uniform(model, 2)
+    config = (SteConfig if method == "ste" else AdmmConfig)(epochs=1, max_steps_per_epoch=3, lr=0.1)
+    before = evaluate(model, streams[1])["ppl"]
+    assert retrain(model, precision, streams[0], config) is model
+    weight = model.decoder.weight.detach()
+    assert torch.equal(quantize(weight, 2).weight, weight)  # on its 2-bit table
+    assert model.training is False  # the mode it came in
+    assert evaluate(model, streams[1])["ppl"] != before
+
+
+def test_retrain_takes_batches_and_method_names(pretrained: dict, streams: tuple) -> None:
+    from nas.api import PrecisionMap, retrain
+
+    model = copy.deepcopy(pretrained["lstm"])
+    rows = streams[0][:641].view(1, -1)
+    batches = [(rows[:, i : i + 32], rows[:, i + 1 : i + 33]) for i in range(0, 600, 32)]
+    retrain(model, PrecisionMap.uniform(model, 4), batches, "admm")
+    with pytest.raises(ValueError, match="unknown retraining method"):
+        retrain(model, PrecisionMap.uniform(model, 4), batches, "sgd")
+    with pytest.raises(ValueError, match="inputs and targets"):
+        retrain(model, PrecisionMap.uniform(model, 4), [(rows, rows[:, :-1])], "ste")
+
+
+def test_search_takes_names_budget_kinds_and_spaces(pretrained: dict, streams: tuple) -> None:
+    from nas.api import make_space, search
+    from nas.errors import UsageError
+
+    model = pretrained["transformer"]
+    uniform = search(model, None, "uniform", streams[0], budget={"compression": 8.0})
+    # 8x of FP32 with biases and norms in FP32: 2.6 bits a weight, so uniform 2 bits
+    assert set(uniform.bits.values()) == {2} and uniform.meta["budget"] == {"compression": 8.0}
+    space = make_space(model, {"bits": [2, 8], "keep_fp": ["*.out_proj"]}, 4.0)
+    random_map = search(model, space, "random", streams[0])
+    assert random_map.bits["encoder.layers.0.self_attn.out_proj"] == 32 and space.fits_budget(random_map)
+    with pytest.raises(UsageError, match="budget"):
+        search(model, None, "uniform", streams[0])
+    with pytest.raises(ValueError, match="unknown strategy"):
+        search(model, None, "greedy", streams[0], budget=2.0)
+
+
+@pytest.mark.parametrize("strategy", ["kl", "hessian", "gumbel"])
+def test_the_verbs_take_mpnas_models_too(strategy: str, streams: tuple, tmp_path: Path) -> None:
+    """A Transformer whose context (16) is below the data section's window (64) runs on its own."""
+    from nas.api import HessianConfig, SteConfig, evaluate, export, load_packed, retrain, search, strategy_config
+    from search_spaces.models import TransformerConfig, TransformerLM
+
+    config = TransformerConfig(vocab_size=50, d_model=16, num_layers=1, num_heads=2, d_ff=32, context=16)
+    model = TransformerLM(config)
+    chosen = HessianConfig(hessian_batches=1, hessian_max_iters=30) if strategy == "hessian" else strategy
+    precision = search(model, {"bits": [2, 4]}, chosen, streams[0], budget=3.0)
+    assert precision.meta["strategy"] == strategy_config(chosen).name
+    retrain(model, precision, streams[0], SteConfig(epochs=1, max_steps_per_epoch=2))
+    export(model, precision, tmp_path / "ours.mpq")
+    loaded, _ = load_packed(tmp_path / "ours.mpq")  # an mpnas model is rebuilt from the header
+    assert evaluate(loaded, streams[1]) == evaluate(model, streams[1])
+
+
+def test_every_verb_and_config_imports_from_one_module() -> None:
+    import nas.api as api
+
+    for name in ("search", "retrain", "quantize_", "export", "load_packed", "evaluate", "KLConfig",
+                 "HessianConfig", "GumbelConfig", "UniformConfig", "RandomConfig", "SteConfig", "AdmmConfig"):
+        assert name in api.__all__ and callable(getattr(api, name)), name
+
+
+def test_strategy_names_are_listed_once() -> None:
+    from nas.config import STRATEGY_NAMES, PipelineSection
+    from nas.options import STRATEGY_CONFIGS
+    from nas.strategies import STRATEGIES
+
+    assert set(STRATEGIES) == set(STRATEGY_NAMES) == set(STRATEGY_CONFIGS)
+    assert all(STRATEGIES[name]().name == name for name in STRATEGIES)
+    PipelineSection(strategies=list(STRATEGY_NAMES))  # the schema accepts every one
+
+
+def test_config_defaults_are_the_sections_defaults() -> None:
+    from nas.config import DataSection, RetrainSection, SearchSection
+    from nas.gumbel import GumbelSettings
+    from nas.options import RETRAIN_CONFIGS, STRATEGY_CONFIGS
+
+    search, retrain, data = SearchSection(), RetrainSection(), DataSection()
+    for cls in STRATEGY_CONFIGS.values():
+        for f in dataclasses.fields(cls):
+            assert getattr(cls(), f.name) == getattr(search, f.name), (cls.__name__, f.name)
+        assert cls().section().strategy == cls.name
+    for cls in RETRAIN_CONFIGS.values():
+        for f in dataclasses.fields(cls):
+            expected = getattr(retrain, f.name) if hasattr(retrain, f.name) else getattr(data, f.name)
+            assert getattr(cls(), f.name) == expected, (cls.__name__, f.name)
+        assert cls().section().method == cls.method
+    for f in dataclasses.fields(GumbelSettings):  # the supernet's defaults are the search section's
+        if hasattr(search, f.name):
+            assert getattr(GumbelSettings(), f.name) == getattr(search, f.name), f.name
+
+
+def test_configs_are_checked_by_the_schema() -> None:
+    from nas.options import AdmmConfig, GumbelConfig, KLConfig, SteConfig
+    from nas.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="kl_tokens"):
+        KLConfig(kl_tokens=0)
+    with pytest.raises(ConfigError, match="tau_end"):
+        GumbelConfig(tau_start=1.0, tau_end=2.0)
+    with pytest.raises(ConfigError, match="rho_max"):
+        AdmmConfig(rho=2.0, rho_max=1.0)
+    with pytest.raises(ConfigError, match="batch_size"):
+        SteConfig(batch_size=0)
