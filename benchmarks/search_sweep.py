@@ -22,7 +22,8 @@ Then it writes ``benchmarks/results/search.csv`` (columns ``model,strategy,mode,
 avg_bits,compression,valid_ppl,test_ppl,retrain_steps,search_s,search_fp_epochs,retrain_s,
 retrain_fp_epochs``; uniform and random measure nothing, their ``mode`` is ``fp``) and, unless
 ``--no-copy-plots``, copies the run's report plots to ``benchmarks/<model>_pareto.png`` /
-``<model>_bits.png``. Rows are keyed by (model, strategy, mode, init, budget): several calls fill one file.
+``<model>_bits.png``. Rows are keyed by (model, strategy, mode, init, budget, retrain steps): several calls
+fill one file.
 
 ``*_fp_epochs`` = seconds / seconds of one FP training epoch, the latter measured in this
 process (median step time of FP training on the same batches x steps per epoch). The kl and
@@ -98,10 +99,11 @@ def write_csv(path: Path, model: str, rows: list[dict], fp_epoch_s: float, *, mo
                     "retrain_steps": "" if prototype else str(retrain_steps),
                     "search_s": search_s, "search_fp_epochs": search_ep,
                     "retrain_s": retrain_s, "retrain_fp_epochs": retrain_ep})
-    key = ("model", "strategy", "mode", "init", "budget_bits")
+    key = ("model", "strategy", "mode", "init", "budget_bits", "retrain_steps")
     replaced = {tuple(r[k] for k in key) for r in new}
     kept = [r for r in kept if tuple(r.get(k, "") for k in key) not in replaced] + new
-    kept.sort(key=lambda r: (r["model"], float(r["budget_bits"]), r["strategy"], r["mode"], r["init"]))
+    kept.sort(key=lambda r: (r["model"], float(r["budget_bits"]), r["strategy"], r["mode"], r["init"],
+                             int(r["retrain_steps"] or 0)))
     atomic_write_csv(path, COLUMNS, kept)
 
 
