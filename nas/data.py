@@ -31,7 +31,7 @@ import os
 import tempfile
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -496,3 +496,22 @@ def window_batches(stream: torch.Tensor, context: int, batch_size: int, generato
     order = torch.randperm(usable, generator=generator)
     return [(inputs[order[i : i + batch_size]], targets[order[i : i + batch_size]])
             for i in range(0, usable, batch_size)]
+
+
+def check_token_batches(batches: Iterable[Any], what: str = "batches") -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` as a list of ``(inputs, targets)`` pairs of equal, non-empty ``[batch, time]`` shapes.
+
+    Raises ValueError naming the offending pair (``what[i]``) or an empty input.
+    """
+    checked = []
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, tuple | list) or len(batch) != 2:
+            raise ValueError(f"{what}[{i}] must be an (inputs, targets) pair, got {type(batch).__name__}")
+        inputs, targets = batch
+        if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.numel() == 0:
+            raise ValueError(f"{what}[{i}]: inputs and targets must be equal non-empty [batch, time] shapes, "
+                             f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
+        checked.append((inputs, targets))
+    if not checked:
+        raise ValueError(f"{what} is empty; expected at least one (inputs, targets) pair")
+    return checked

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from nas.config import RetrainSection
-from nas.data import iter_stream_chunks, stream_batches, window_batches
+from nas.data import check_token_batches, iter_stream_chunks, stream_batches, window_batches
 from nas.options import RetrainConfig
 from nas.retrain import make_hooks
 from nas.train import TrainingDivergedError, TrainingHooks, learning_rate, make_optimizer
@@ -36,18 +36,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def _checked_batches(data: Iterable[Any]) -> list[Batch]:
     """``data`` as a list of ``(inputs, targets)`` pairs of equal ``[batch, time]`` shapes."""
-    batches = []
-    for i, batch in enumerate(data):
-        if not isinstance(batch, tuple | list) or len(batch) != 2:
-            raise ValueError(f"batch {i} must be an (inputs, targets) pair, got {type(batch).__name__}")
-        inputs, targets = batch
-        if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.numel() == 0:
-            raise ValueError(f"batch {i}: inputs and targets must be equal non-empty [batch, time] shapes, "
-                             f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
-        batches.append((inputs, targets))
-    if not batches:
-        raise ValueError("no batches to retrain on")
-    return batches
+    return check_token_batches(data, "retraining batches")
 
 
 def epoch_batches(model: nn.Module, stream: torch.Tensor, config: RetrainConfig,

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from nas.data import check_token_batches
 from nas.errors import MpnasError
 from search_spaces.models.protocol import as_lm
 from search_spaces.precision import Cluster, cluster_parameter, cluster_weight, find_clusters
@@ -471,17 +472,7 @@ def lm_loss_fn(batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Callable
     through :func:`~search_spaces.models.protocol.as_lm`); batches are weighted by their token
     counts and moved to the model's device at call time.
     """
-    checked: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, tuple | list) or len(batch) != 2:
-            raise ValueError(f"batches[{i}] must be an (inputs, targets) pair, got {type(batch).__name__}")
-        inputs, targets = batch
-        if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.numel() == 0:
-            raise ValueError(f"batches[{i}]: inputs and targets must be equal non-empty [batch, time] shapes, "
-                             f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
-        checked.append((inputs, targets))
-    if not checked:
-        raise ValueError("batches is empty; expected at least one (inputs, targets) pair")
+    checked = check_token_batches(batches)
     total = sum(t.numel() for _, t in checked)
 
     def loss_fn(model: nn.Module) -> torch.Tensor:

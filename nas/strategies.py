@@ -180,13 +180,19 @@ class RandomStrategy:
         return _finish(space, best, meta)
 
 
-def _fingerprint(model: nn.Module, space: SearchSpace, extra: dict[str, Any],
-                 prototypes: Replacements | None = None) -> str:
-    """Hash of the weights (and prototypes), the candidates and the settings: a cached score table's key."""
+def _weights_digest(model: nn.Module) -> Any:
+    """A sha256 fed with every state_dict entry's name and bytes (the start of each cache key)."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest
+
+
+def _fingerprint(model: nn.Module, space: SearchSpace, extra: dict[str, Any],
+                 prototypes: Replacements | None = None) -> str:
+    """Hash of the weights (and prototypes), the candidates and the settings: a cached score table's key."""
+    digest = _weights_digest(model)
     for bits in sorted(prototypes or {}):
         for name in sorted(prototypes[bits]):
             digest.update(f"prototype:{bits}:{name}".encode())
@@ -308,10 +314,7 @@ class HessianStrategy(ScoreTableStrategy):
         """
         cache = None
         if data.cache_dir is not None:
-            digest = hashlib.sha256()
-            for name, tensor in model.state_dict().items():
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+            digest = _weights_digest(model)
             for inputs, targets in batches:
                 digest.update(inputs.cpu().contiguous().numpy().tobytes())
                 digest.update(targets.cpu().contiguous().numpy().tobytes())
