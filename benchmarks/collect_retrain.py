@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from nas.checkpoint import load_checkpoint
-from nas.config import parse_config
-from nas.data import Corpus, load_corpus, resolve_data_dir
-from nas.ste import SteHooks
-from nas.train import _evaluate
-from search_spaces.atomic import atomic_write_csv
+from nas.config.sections import parse_config
+from nas.core.atomic import atomic_write_csv
+from nas.core.checkpoint import load_checkpoint
+from nas.core.data import Corpus, load_corpus, resolve_data_dir
+from nas.retrain.loop import _evaluate
+from nas.retrain.ste import SteHooks
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
 
@@ -62,7 +62,7 @@ def row_for(run: Path, fp_test: float, corpus: Corpus | None = None, threads: in
     if not metrics_path.is_file():
         raise SystemExit(f"{run}: no metrics.json (the retrain has not finished)")
     metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    if "method" not in metrics:  # nas.train wrote it; nas.retrain has not finished the run folder yet
+    if "method" not in metrics:  # nas.retrain.loop wrote it; nas.retrain.run has not finished the run folder yet
         raise SystemExit(f"{metrics_path}: no 'method' key (the retrain has not finished)")
     precision = yaml.safe_load((run / "precision.yaml").read_text(encoding="utf-8"))
     meta = precision.get("meta") or {}

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 
 from evaluators.perplexity import perplexity
-from nas.checkpoint import load_checkpoint
-from nas.config import load_config
-from nas.data import load_corpus, resolve_data_dir
-from nas.reference import load_reference, save_reference
-from nas.retrain import load_fp_checkpoint
+from nas.config.sections import load_config
+from nas.core.checkpoint import load_checkpoint
+from nas.core.data import load_corpus, resolve_data_dir
+from nas.core.reference import load_reference, save_reference
+from nas.retrain.run import load_fp_checkpoint
 from search_spaces.models import build_model
 
 HERE = Path(__file__).resolve().parent

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from nas.checkpoint import atomic_write_text
-from nas.config import load_config
-from nas.console import configure_logging
-from nas.data import load_corpus, resolve_data_dir
-from nas.train import train
+from nas.config.sections import load_config
+from nas.core.checkpoint import atomic_write_text
+from nas.core.console import configure_logging
+from nas.core.data import load_corpus, resolve_data_dir
+from nas.retrain.loop import train
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {"lstm": "ptb_lstm", "transformer": "ptb_transformer"}

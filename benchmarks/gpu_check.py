@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from nas.config import parse_config
-from nas.train import make_optimizer
+from nas.config.sections import parse_config
+from nas.retrain.loop import make_optimizer
 from search_spaces.models import build_model
 
 
@@ -63,12 +63,12 @@ def lstm_double_backward(device: torch.device) -> float:
 
 
 def gumbel_epoch(kind: str, device: torch.device) -> tuple[float, float, float]:
-    """One supernet epoch (nas/gumbel.py) of a small model on random tokens.
+    """One supernet epoch (nas/search/gumbel.py) of a small model on random tokens.
 
     Returns (expected average bits at the end, the budget, seconds). Checks the exported map's
     average bits are within the budget.
     """
-    from nas.gumbel import GumbelSettings, gumbel_search
+    from nas.search.gumbel import GumbelSettings, gumbel_search
     from search_spaces.precision import find_clusters
 
     torch.manual_seed(0)
@@ -94,7 +94,7 @@ def gumbel_epoch(kind: str, device: torch.device) -> tuple[float, float, float]:
 
 def hessian_traces(device: torch.device) -> tuple[int, float, float]:
     """Hutchinson traces of every cluster of a small LSTM LM; returns (clusters, max |trace|, seconds)."""
-    from nas.sensitivity import hutchinson_traces
+    from nas.search.sensitivity import hutchinson_traces
     from search_spaces.precision import find_clusters
 
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 NNI wraps every ``nn.Linear`` / ``nn.Embedding`` weight (for our models: every cluster, i.e. LSTM
 gate matrices, embeddings, softmax, attention and FFN) with ``int{bits}``, symmetric, one scale
 per matrix, and trains it from an FP checkpoint with the ``retrain`` section's optimizer, lr
-schedule, clipping and epochs on our own batches (:func:`nas.train.epoch_batches`), as ADMM/STE
+schedule, clipping and epochs on our own batches (:func:`nas.retrain.loop.epoch_batches`), as ADMM/STE
 retraining does. After every epoch the fake-quantized weights NNI's wrappers compute are copied
 into a clean model, checked to hold at most ``2^bits - 1`` distinct values per matrix and to
 give the wrapped model's logits, and scored; the best valid epoch is reported.
@@ -55,15 +55,15 @@ import torch
 from torch import nn
 
 from evaluators.perplexity import perplexity
-from evaluators.size import model_size
-from nas.config import ExperimentConfig, RetrainSection, load_config
-from nas.data import Corpus, load_corpus, resolve_data_dir
-from nas.distributed import DistInfo
-from nas.retrain import load_fp_checkpoint
-from nas.train import TrainingDivergedError, epoch_batches, learning_rate, make_optimizer
+from nas.config.sections import ExperimentConfig, RetrainSection, load_config
+from nas.core.data import Corpus, load_corpus, resolve_data_dir
+from nas.retrain.distributed import DistInfo
+from nas.retrain.loop import TrainingDivergedError, epoch_batches, learning_rate, make_optimizer
+from nas.retrain.run import load_fp_checkpoint
 from search_spaces.models import build_model, model_config_dict
 from search_spaces.models.lstm_lm import LSTMLayer
 from search_spaces.precision import PrecisionMap, find_clusters
+from search_spaces.size import model_size
 
 METHODS = ("qat", "lsq")
 ONE_BIT_REASON = ("NNI's int1 is narrow range [0, 0], a single level: LSQ sets every weight to 0, QAT's scale "
@@ -186,7 +186,7 @@ def extract_quantized(nni_model: nn.Module, probe: torch.Tensor, bits: int | Non
 
 
 def _evaluate(model: nn.Module, exp: ExperimentConfig, corpus: Corpus, split: str, device: torch.device) -> float:
-    # Same call as nas.train's validation, so the peers' numbers compare with ours.
+    # Same call as nas.retrain.loop's validation, so the peers' numbers compare with ours.
     return perplexity(model, corpus.split(split), corpus.vocab.eos_id, batch_size=exp.data.eval_batch_size,
                       bptt=exp.data.bptt, stride=exp.data.eval_stride, device=device)["ppl"]
 
@@ -199,7 +199,7 @@ def _training_step(batch: tuple[torch.Tensor, torch.Tensor, Any], model: nn.Modu
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, training_step: Callable[..., Any],
           batch: Batch, state: Any, cfg: RetrainSection, lr: float) -> tuple[float, Any]:
-    """One optimizer step exactly as nas.train's loop takes it; returns (loss, next state)."""
+    """One optimizer step exactly as nas.retrain.loop's loop takes it; returns (loss, next state)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, new_state = training_step((*batch, state), model)

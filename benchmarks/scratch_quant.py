@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from nas.config import load_config
-from nas.console import configure_logging
-from nas.data import load_corpus, resolve_data_dir
-from nas.retrain import make_hooks
-from nas.train import train
-from search_spaces.atomic import atomic_write_csv
+from nas.config.sections import load_config
+from nas.core.atomic import atomic_write_csv
+from nas.core.console import configure_logging
+from nas.core.data import load_corpus, resolve_data_dir
+from nas.retrain.loop import train
+from nas.retrain.run import make_hooks
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
 

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from search_sweep import CONFIGS, fp_epoch_seconds  # benchmarks/ is on sys.path when this script runs
 
-from nas.config import load_config
-from nas.console import configure_logging
-from nas.data import load_corpus, resolve_data_dir
-from nas.retrain import load_fp_checkpoint
-from nas.stages import Point, search_point
-from search_spaces.atomic import atomic_write_csv
+from nas.config.sections import load_config
+from nas.core.atomic import atomic_write_csv
+from nas.core.console import configure_logging
+from nas.core.data import load_corpus, resolve_data_dir
+from nas.pipeline.stages import Point, search_point
+from nas.retrain.run import load_fp_checkpoint
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["model", "strategy", "search_s", "fp_epoch_s", "fp_epoch_gap", "search_fp_epochs"]

@@ -4,7 +4,7 @@
         --budgets 2 --strategies kl hessian gumbel --prototypes benchmarks/prototypes/ptb_lstm \\
         --mode prototype --init inherited --retrain-method ste --retrain-steps 500 --threads 1
 
-It runs ``mpnas pipeline`` (nas/pipeline.py) from ``--checkpoint``
+It runs ``mpnas pipeline`` (nas/pipeline/runner.py) from ``--checkpoint``
 (default: the committed reference ``benchmarks/checkpoints/ptb_<model>.safetensors``)
 into ``--out`` (default ``benchmarks/runs/<model>_search_<mode>_<init>``; resumable: rerun the
 command after an interruption), with the config's candidate widths (``space``; 1, 2, 3, 4, 8),
@@ -43,14 +43,14 @@ from pathlib import Path
 import torch
 from step_time import time_hooks  # benchmarks/ is on sys.path when this script runs
 
-from nas.config import load_config
-from nas.console import configure_logging
-from nas.data import load_corpus, resolve_data_dir
-from nas.distributed import DistInfo
-from nas.pipeline import read_rows, run_pipeline
-from nas.retrain import load_fp_checkpoint
-from nas.train import TrainingHooks, epoch_batches
-from search_spaces.atomic import atomic_write_csv
+from nas.config.sections import load_config
+from nas.core.atomic import atomic_write_csv
+from nas.core.console import configure_logging
+from nas.core.data import load_corpus, resolve_data_dir
+from nas.pipeline.runner import read_rows, run_pipeline
+from nas.retrain.distributed import DistInfo
+from nas.retrain.loop import TrainingHooks, epoch_batches
+from nas.retrain.run import load_fp_checkpoint
 from search_spaces.models import build_model
 
 HERE = Path(__file__).resolve().parent

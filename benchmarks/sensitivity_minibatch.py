@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from nas.config import load_config
-from nas.console import configure_logging
-from nas.data import load_corpus, resolve_data_dir
-from nas.stages import Point, load_model, search_point
-from search_spaces.atomic import atomic_write_csv
+from nas.config.sections import load_config
+from nas.core.atomic import atomic_write_csv
+from nas.core.console import configure_logging
+from nas.core.data import load_corpus, resolve_data_dir
+from nas.pipeline.stages import Point, load_model, search_point
 from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
 
 HERE = Path(__file__).resolve().parent

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from nas.checkpoint import atomic_write_text
-from nas.config import load_config
-from nas.data import load_corpus, resolve_data_dir
-from nas.distributed import DistInfo
-from nas.gumbel import GumbelSupernet
-from nas.retrain import load_fp_checkpoint, make_hooks
-from nas.train import TrainingHooks, epoch_batches
+from nas.config.sections import load_config
+from nas.core.checkpoint import atomic_write_text
+from nas.core.data import load_corpus, resolve_data_dir
+from nas.retrain.distributed import DistInfo
+from nas.retrain.loop import TrainingHooks, epoch_batches
+from nas.retrain.run import load_fp_checkpoint, make_hooks
+from nas.search.gumbel import GumbelSupernet
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap, find_clusters
 
@@ -43,7 +43,7 @@ def _fresh(ckpt: dict) -> torch.nn.Module:
 
 
 def time_hooks(model: torch.nn.Module, hooks: TrainingHooks, batches: list) -> list[float]:
-    """Seconds per step: forward, penalty, backward, hooks, clipping, SGD step (as nas.train does)."""
+    """Seconds per step: forward, penalty, backward, hooks, clipping, SGD step (as nas.retrain.loop does)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     state, times = None, []
     for step, (inputs, targets) in enumerate(batches):

@@ -1,4 +1,4 @@
-"""Two training jobs side by side: torch's default threads vs the core-sharing rule (nas/threads.py).
+"""Two training jobs side by side: torch's default threads vs the core-sharing rule (nas/core/threads.py).
 
     MPNAS_DATA=../shared/data/ptb .venv/bin/python benchmarks/thread_sharing.py --steps 300
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import yaml
 
-from nas.config import load_config
-from nas.data import resolve_data_dir
-from nas.threads import resolve_threads, usable_cores
-from search_spaces.atomic import atomic_write_csv
+from nas.config.sections import load_config
+from nas.core.atomic import atomic_write_csv
+from nas.core.data import resolve_data_dir
+from nas.core.threads import resolve_threads, usable_cores
 
 HERE = Path(__file__).resolve().parent
 COLUMNS = ["mode", "job", "threads", "usable_cores", "steps", "train_seconds", "steps_per_min"]
@@ -55,7 +55,7 @@ def _run_pair(mode: str, config: Path, corpus: Path, work: Path) -> list[dict[st
     jobs = []
     for job in range(2):
         out = work / f"{mode}_{job}"
-        command = [sys.executable, "-m", "nas.cli", "train", str(config), "--data", str(corpus), "--out", str(out),
+        command = [sys.executable, "-m", "nas.cli.main", "train", str(config), "--data", str(corpus), "--out", str(out),
                    "--no-progress"]
         jobs.append((out, subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                            text=True)))

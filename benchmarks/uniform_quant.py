@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 from step_time import time_hooks  # benchmarks/ is on sys.path when this script runs
 
-from nas.checkpoint import atomic_write_text
-from nas.config import load_config
-from nas.console import configure_logging
-from nas.data import load_corpus, resolve_data_dir
-from nas.distributed import DistInfo
-from nas.retrain import load_fp_checkpoint, make_hooks, retrain
-from nas.train import TrainingHooks, epoch_batches
-from search_spaces.atomic import atomic_write_csv
+from nas.config.sections import load_config
+from nas.core.atomic import atomic_write_csv
+from nas.core.checkpoint import atomic_write_text
+from nas.core.console import configure_logging
+from nas.core.data import load_corpus, resolve_data_dir
+from nas.retrain.distributed import DistInfo
+from nas.retrain.loop import TrainingHooks, epoch_batches
+from nas.retrain.run import load_fp_checkpoint, make_hooks, retrain
 from search_spaces.models import build_model
 from search_spaces.packed import export_packed
 from search_spaces.precision import PrecisionMap

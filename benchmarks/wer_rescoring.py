@@ -36,9 +36,9 @@ import torch
 from evaluators.nbest import WSJ_DEV93_COUNT, read_hyporadise
 from evaluators.normalize import Normalizer
 from evaluators.rescore import compare_chosen, evaluate_nbest
-from nas.checkpoint import atomic_write_text
-from nas.cli import _load_any_model
-from nas.nbest_cli import load_lm
+from nas.cli.common import load_any_model
+from nas.cli.nbest import load_lm
+from nas.core.checkpoint import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_NBEST = HERE.parents[1] / "shared" / "data" / "nbest" / "hyporadise" / "test_wsj_score.json"
@@ -104,14 +104,14 @@ def main() -> None:
     options = {"dev_count": args.dev_count, "normalizer": normalizer, "batch_size": args.batch_size,
                "device": args.device}
     name = args.name or (args.model.parent.name if args.model.suffix == ".pt" else args.model.stem)
-    model, vocab = load_lm(args.model, _load_any_model, args.vocab, args.device)
+    model, vocab = load_lm(args.model, load_any_model, args.vocab, args.device)
     result = evaluate_nbest(model, vocab, lists, **options)
     n_dev = result["dev_count"]
     rows = (system_rows("asr_1best", result["one_best"]) + system_rows("asr_oracle", result["oracle"])
             + system_rows("asr_no_lm", result["no_lm"]))
     p_values = None
     if args.compare is not None:
-        ref_model, ref_vocab = load_lm(args.compare, _load_any_model, args.vocab, args.device)
+        ref_model, ref_vocab = load_lm(args.compare, load_any_model, args.vocab, args.device)
         reference = evaluate_nbest(ref_model, ref_vocab, lists, **options)
         rows += system_rows(args.compare_name, reference["lm"], reference["hyps_per_s"])
         p_values = {}
@@ -123,7 +123,7 @@ def main() -> None:
         path, _, extra_name = spec.partition("=")
         if not extra_name:
             parser.error(f"--extra {spec!r}: expected PATH=NAME")
-        extra_model, extra_vocab = load_lm(Path(path), _load_any_model, args.vocab, args.device)
+        extra_model, extra_vocab = load_lm(Path(path), load_any_model, args.vocab, args.device)
         extra = evaluate_nbest(extra_model, extra_vocab, lists, **options)
         extra_p = None
         if args.compare is not None:

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nas.errors import MpnasError
+from nas.core.errors import MpnasError
 
 WSJ_DEV93_COUNT = 503  # test_wsj_score.json: 836 = 503 (dev93) + 333 (eval92), if in that order
 

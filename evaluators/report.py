@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from evaluators.pareto import pareto_front
-from nas.errors import MpnasError
-from search_spaces.atomic import atomic_write_bytes, atomic_write_text
+from nas.core.atomic import atomic_write_bytes, atomic_write_text
+from nas.core.errors import MpnasError
 from search_spaces.precision import PrecisionMap
 
 # key -> (accepted kind, may be null). Kinds: "str", "int", "number" (int or float, NaN allowed).

@@ -47,8 +47,8 @@ from torch import nn
 from evaluators.mapsswe import MapssweResult, mapsswe
 from evaluators.nbest import NBestList, dev_test_split
 from evaluators.wer import ErrorCounts, score_utterance
-from nas.data import UNK, DataError, Vocabulary
-from nas.errors import UsageError
+from nas.core.data import UNK, DataError, Vocabulary
+from nas.core.errors import UsageError
 
 Tokenizer = Callable[[str], list[str]]
 

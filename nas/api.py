@@ -22,7 +22,7 @@ is a 1-D integer tensor. The verbs:
 - :func:`evaluate` ``(model, tokens) -> {"loss", "ppl", "tokens", sizes with precision=}``
 
 Configs: :class:`KLConfig`, :class:`HessianConfig`, :class:`GumbelConfig`, :class:`UniformConfig`,
-:class:`RandomConfig`; :class:`SteConfig`, :class:`AdmmConfig` (:mod:`nas.options`).
+:class:`RandomConfig`; :class:`SteConfig`, :class:`AdmmConfig` (:mod:`nas.config.options`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,7 @@ import torch
 from torch import nn
 
 from evaluators.perplexity import perplexity
-from evaluators.size import model_size
-from nas.config import DataSection, RetrainSection
-from nas.errors import UsageError
-from nas.fit import Batch, retrain_model
-from nas.options import (
+from nas.config.options import (
     RETRAIN_CONFIGS,
     STRATEGY_CONFIGS,
     AdmmConfig,
@@ -56,11 +52,15 @@ from nas.options import (
     default,
     strategy_config,
 )
-from nas.strategies import SearchData, get_strategy
+from nas.config.sections import DataSection, RetrainSection
+from nas.core.errors import UsageError
+from nas.retrain.fit import Batch, retrain_model
+from nas.search.strategies import SearchData, get_strategy
 from search_spaces.apply import quantize_
 from search_spaces.models.protocol import as_lm
 from search_spaces.packed import export_packed, load_packed
 from search_spaces.precision import PrecisionMap
+from search_spaces.size import model_size
 from search_spaces.space import Budget, SearchSpace
 
 __all__ = ["RETRAIN_CONFIGS", "STRATEGY_CONFIGS", "AdmmConfig", "GumbelConfig", "HessianConfig", "KLConfig",
@@ -133,7 +133,7 @@ def search(model: nn.Module, space: SearchSpace | Mapping[str, Any] | None, stra
 
 def retrain(model: nn.Module, precision: PrecisionMap, data: torch.Tensor | Iterable[Batch],
             method: str | RetrainConfig | None = None, *, device: torch.device | str | None = None) -> nn.Module:
-    """Retrain ``model`` in place at ``precision``; returns it, quantized (nas/fit.py).
+    """Retrain ``model`` in place at ``precision``; returns it, quantized (nas/retrain/fit.py).
 
     ``data``: a 1-D token stream or ``(inputs, targets)`` batches. ``method``: :class:`SteConfig`,
     :class:`AdmmConfig`, a method name (its defaults) or None (``retrain.method``'s default).

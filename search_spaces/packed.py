@@ -47,9 +47,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas.errors import MpnasError
+from nas.core.atomic import atomic_write_bytes
+from nas.core.errors import MpnasError
 from search_spaces.apply import quantize_all_
-from search_spaces.atomic import atomic_write_bytes
 from search_spaces.models import build_model, model_config_dict
 from search_spaces.models.protocol import unwrap
 from search_spaces.precision import Cluster, PrecisionMap, find_clusters

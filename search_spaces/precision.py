@@ -32,15 +32,15 @@ import yaml
 from torch import nn
 from torch.nn.utils import parametrize
 
-from nas.errors import MpnasError
-from search_spaces.atomic import atomic_write_text
-from search_spaces.models.lstm_lm import GATES
+from nas.core.atomic import atomic_write_text
+from nas.core.errors import MpnasError
+from search_spaces.gates import GRU_GATES, LSTM_GATES
 from search_spaces.quant import AFFINE_BITS, FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
 
 FORMAT_VERSION = 1  # bump when the file layout changes; older files must stay loadable
 LEFTOVER_BITS = (*AFFINE_BITS, FULL_PRECISION)  # allowed ``leftover_bits``; 32 keeps leftovers float32
 # Row blocks of torch's fused recurrent weights, in torch's row order. Plain RNNs have one block.
-_RNN_GATES = {"LSTM": GATES, "GRU": ("reset_gate", "update_gate", "new_gate")}
+_RNN_GATES = {"LSTM": LSTM_GATES, "GRU": GRU_GATES}
 _KEYS = ("version", "granularity", "bits", "leftover_bits", "meta")
 
 

@@ -30,7 +30,7 @@ than 8, 16 or 32, a bad or infeasible budget.
 ``leftover_bits`` is not searched: every map the space builds carries it
 (:attr:`PrecisionMap.leftover_bits`), and the accounting below charges the leftovers at it.
 
-Budget accounting (the same as :func:`evaluators.size.model_size`, which the tests check):
+Budget accounting (the same as :func:`search_spaces.size.model_size`, which the tests check):
 
 - ``avg_bits``: the average over ALL clusters weighted by numel, clusters kept at 32 bits
   counting 32 (``model_size``'s ``avg_bits``); FP leftovers (biases, norms) are not in it.
@@ -38,7 +38,7 @@ Budget accounting (the same as :func:`evaluators.size.model_size`, which the tes
 - ``compression``: FP32 bytes of the whole model / theoretical bytes.
 
 All three become :meth:`Budget.max_weight_bits`, the largest allowed ``sum(bits * numel)`` over
-the *searchable* clusters (all but those pinned at 32 bits), which :func:`nas.allocate.allocate`
+the *searchable* clusters (all but those pinned at 32 bits), which :func:`nas.search.allocate.allocate`
 takes. Byte budgets first subtract the fixed costs: the leftovers (4 bytes an element, or
 ``leftover_bits / 8`` plus 8 bytes a tensor when quantized), pinned clusters (4 bytes an element)
 and the scales of searchable clusters (4 bytes each, one per cluster or row). A cluster
@@ -58,7 +58,7 @@ from typing import Any
 
 from torch import nn
 
-from nas.errors import MpnasError
+from nas.core.errors import MpnasError
 from search_spaces.precision import LEFTOVER_BITS, PrecisionMap, find_clusters
 from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
 
@@ -72,13 +72,13 @@ _OVERRIDE_KEYS = ("match", "bits")
 # Budgets arrive as floats (2.0 * numel, bytes / compression); weight-bit costs are integers, so
 # the bound is floored, forgiving float noise of this relative size first.
 _REL_TOL = 1e-12
-FP32_BYTES = 4  # per FP32 element and per scale, as in evaluators.size
+FP32_BYTES = 4  # per FP32 element and per scale, as in search_spaces.size
 
 
 def _model_size(model: nn.Module, precision_map: PrecisionMap) -> dict[str, float]:
     # Imported here, not at the top: evaluators depend on search_spaces, not the reverse, and a
     # top-level import would become a cycle as soon as search_spaces/__init__ imports this module.
-    from evaluators.size import model_size
+    from search_spaces.size import model_size
 
     return model_size(model, precision_map)
 

@@ -26,9 +26,9 @@ def write_synthetic_corpus(folder: Path, seed: int = 0, sentences: tuple[int, in
 
 def train_fp_run(root: Path, raw: dict) -> tuple[Path, Path]:
     """A synthetic corpus under ``root`` and the FP ``best.pt`` of experiment ``raw`` trained on it."""
-    from nas.config import parse_config
-    from nas.data import load_corpus
-    from nas.train import train
+    from nas.config.sections import parse_config
+    from nas.core.data import load_corpus
+    from nas.retrain.loop import train
 
     corpus_dir = write_synthetic_corpus(root / "corpus")
     train(parse_config(raw), load_corpus(corpus_dir), root / "fp", progress=False)

@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from nas.checkpoint import load_checkpoint
-from nas.cli import main
-from nas.config import parse_config
-from nas.data import load_corpus
-from nas.retrain import retrain
+from nas.cli.main import main
+from nas.config.sections import parse_config
+from nas.core.checkpoint import load_checkpoint
+from nas.core.data import load_corpus
+from nas.retrain.run import retrain
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
 from tests.synthetic import train_fp_run
@@ -133,7 +133,7 @@ def test_bad_precision_spec_exits_2(fp_run: tuple[Path, Path], tmp_path: Path,
 
 def test_admm_proximal_step_is_exact_and_outside_the_optimizer(fp_run: tuple[Path, Path]) -> None:
     """After the optimizer step, W <- (W + eta (G - U)) / (1 + eta) with eta = lr * rho * loss_scale."""
-    from nas.admm import AdmmHooks
+    from nas.retrain.admm import AdmmHooks
 
     corpus_dir, fp = fp_run
     model = _model_from(fp)
@@ -184,7 +184,7 @@ def test_rho_is_honoured_by_every_optimizer(optimizer: str, fp_run: tuple[Path, 
 
 def test_admm_moves_codes_away_from_the_fp_projection(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
     """The old ADMM froze every code where projecting the FP weights put it; this one must not."""
-    from nas.ste import QuantizedClusters
+    from nas.retrain.ste import QuantizedClusters
 
     corpus_dir, fp = fp_run
     precision = PrecisionMap.uniform(_model_from(fp), 2)
@@ -246,8 +246,8 @@ def test_ste_tail_keeps_the_better_of_the_two(fp_run: tuple[Path, Path], tmp_pat
 
 def test_a_harmful_ste_tail_is_discarded(fp_run: tuple[Path, Path], tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    import nas.retrain as retrain_module
-    from nas.ste import SteHooks
+    import nas.retrain.run as retrain_module
+    from nas.retrain.ste import SteHooks
 
     class Wrecking(SteHooks):
         def after_step(self, model, global_step, *, lr, loss_scale):  # noqa: ANN001
@@ -287,7 +287,7 @@ def test_retrain_keeps_the_projected_start_when_training_hurts(fp_run: tuple[Pat
                       progress=False)
     assert metrics["kept_start"] and metrics["valid_ppl"] == pytest.approx(metrics["start_valid_ppl"])
     start = _model_from(fp)
-    from nas.ste import QuantizedClusters
+    from nas.retrain.ste import QuantizedClusters
 
     QuantizedClusters(start, precision).hard_project_(start)
     saved = load_checkpoint(tmp_path / "rt" / "best.pt")["model"]
@@ -296,7 +296,7 @@ def test_retrain_keeps_the_projected_start_when_training_hurts(fp_run: tuple[Pat
 
 def test_ste_validates_with_the_scales_it_trained_with() -> None:
     """Evaluation projects with the training forward's scales, not ones re-solved on the latents."""
-    from nas.ste import SteHooks
+    from nas.retrain.ste import SteHooks
     from search_spaces.quant import quantize_codes
 
     torch.manual_seed(0)
@@ -319,7 +319,7 @@ def test_ste_validates_with_the_scales_it_trained_with() -> None:
 
 
 def test_ste_best_weights_are_a_fixed_point_of_the_projection(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from nas.ste import QuantizedClusters
+    from nas.retrain.ste import QuantizedClusters
 
     corpus_dir, fp = fp_run
     precision = PrecisionMap.uniform(_model_from(fp), 2, granularity="row")
@@ -333,7 +333,7 @@ def test_ste_best_weights_are_a_fixed_point_of_the_projection(fp_run: tuple[Path
 
 def test_latent_forward_admm_is_the_papers_w_step(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
     """``admm_forward: latent`` takes the gradient at W (no swap) and still ends on the table."""
-    from nas.admm import AdmmHooks
+    from nas.retrain.admm import AdmmHooks
 
     corpus_dir, fp = fp_run
     model = _model_from(fp)
@@ -356,7 +356,7 @@ def test_latent_forward_admm_is_the_papers_w_step(fp_run: tuple[Path, Path], tmp
 
 def test_dual_is_rescaled_when_rho_changes(fp_run: tuple[Path, Path]) -> None:
     """Scaled form: rho * U (the unscaled dual) is unchanged by a change of rho."""
-    from nas.admm import AdmmHooks
+    from nas.retrain.admm import AdmmHooks
 
     _, fp = fp_run
     model = _model_from(fp)

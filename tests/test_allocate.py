@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from evaluators.size import model_size
-from nas.allocate import allocate, pareto_front, pareto_sweep
+from nas.search.allocate import allocate, pareto_front, pareto_sweep
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
+from search_spaces.size import model_size
 from search_spaces.space import SearchSpace
 
 BITS = (1, 2, 3, 4, 5, 6, 8, 16)

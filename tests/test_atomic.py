@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from search_spaces.atomic import atomic_write_csv, atomic_write_text
+from nas.core.atomic import atomic_write_csv, atomic_write_text
 
 
 def test_atomic_csv_writes_header_and_rows(tmp_path: Path) -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nas.config import SearchSection
-from nas.strategies import SearchData, get_strategy
+from nas.config.sections import SearchSection
+from nas.search.strategies import SearchData, get_strategy
 from search_spaces.apply import quantize_
 from search_spaces.models import build_model
 from search_spaces.packed import export_packed, load_packed, read_packed
@@ -73,7 +73,7 @@ def test_uniform_says_which_width_it_used(caplog: pytest.LogCaptureFixture) -> N
     """Budget 3.0 over candidates 1, 2, 4, 8: the largest candidate width that fits is 2, and the
     map's meta and a warning say so."""
     space = SearchSpace.from_config({"bits": [1, 2, 4, 8]}, {"avg_bits": 3.0}, _model())
-    with caplog.at_level("WARNING", logger="nas.strategies"):
+    with caplog.at_level("WARNING", logger="nas.search.strategies"):
         found = _uniform(space)
     assert set(found.bits.values()) == {2}
     assert found.meta["uniform_bits"] == 2 and found.meta["budget_avg_bits"] == pytest.approx(3.0)

@@ -13,14 +13,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from evaluators.perplexity import perplexity
-from nas.checkpoint import load_checkpoint, save_checkpoint
-from nas.cli import main as cli_main
-from nas.config import load_config
-from nas.data import Corpus, load_corpus
-from nas.nbest_cli import load_vocabulary
-from nas.reference import FORMAT_VERSION, is_reference, load_reference, save_reference
-from nas.retrain import load_fp_checkpoint
-from nas.stages import checkpoint_hash
+from nas.cli.main import main as cli_main
+from nas.cli.nbest import load_vocabulary
+from nas.config.sections import load_config
+from nas.core.checkpoint import load_checkpoint, save_checkpoint
+from nas.core.data import Corpus, load_corpus
+from nas.core.reference import FORMAT_VERSION, is_reference, load_reference, save_reference
+from nas.pipeline.stages import checkpoint_hash
+from nas.retrain.run import load_fp_checkpoint
 from search_spaces.models import build_model, model_config_dict
 from tests.conftest import REPO, ptb_location
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nas.cli import main
+from nas.cli.main import main
 
 TINY = {"model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
         "data": {"batch_size": 4, "bptt": 8},
@@ -30,7 +30,7 @@ def test_evaluate_says_when_the_precision_map_is_missing(tiny_corpus_dir: Path, 
     """A checkpoint without precision.yaml beside it is sized as FP32, and the output says so."""
     import json
 
-    from nas.checkpoint import load_checkpoint
+    from nas.core.checkpoint import load_checkpoint
     from search_spaces.models import build_model
     from search_spaces.precision import PrecisionMap
 
@@ -113,12 +113,12 @@ def test_space_errors_name_file_and_key(tiny_corpus_dir: Path, tmp_path: Path,
 def _user_error_types() -> list[type[Exception]]:
     from evaluators.nbest import NBestError
     from evaluators.report import ReportError
-    from nas.config import ConfigError
-    from nas.data import DataError
-    from nas.errors import CheckpointError, MpnasError, UsageError
-    from nas.pipeline import PipelineError
-    from nas.prototypes import PrototypeError
-    from nas.train import TrainingDivergedError
+    from nas.config.sections import ConfigError
+    from nas.core.data import DataError
+    from nas.core.errors import CheckpointError, MpnasError, UsageError
+    from nas.pipeline.runner import PipelineError
+    from nas.retrain.loop import TrainingDivergedError
+    from nas.retrain.prototype_store import PrototypeError
     from search_spaces.packed import PackedFileError
     from search_spaces.precision import PrecisionMapError
     from search_spaces.space import SpaceError
@@ -138,10 +138,10 @@ def _raising(exc: Exception):  # noqa: ANN202 - a stand-in for a command functio
 @pytest.mark.parametrize("kind", _user_error_types(), ids=lambda kind: kind.__name__)
 def test_user_errors_exit_2_with_one_line(kind: type[Exception], monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import nas.cli
+    import nas.cli.main
 
     exc = kind("x", "y", "what went wrong") if kind.__name__ == "NBestError" else kind("what went wrong")
-    monkeypatch.setattr(nas.cli, "cmd_export", _raising(exc))
+    monkeypatch.setattr(nas.cli.main, "cmd_export", _raising(exc))
     assert main(["export", "ckpt.pt", "--out", "x.mpq"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mpnas: error: ") and "what went wrong" in err and "Traceback" not in err
@@ -151,24 +151,24 @@ def test_user_errors_exit_2_with_one_line(kind: type[Exception], monkeypatch: py
                                  RuntimeError("internal"), TypeError("internal")], ids=lambda e: type(e).__name__)
 def test_internal_errors_keep_their_traceback(exc: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
     """A plain ValueError (or any other exception) is a bug in mpnas: it is not turned into exit 2."""
-    import nas.cli
+    import nas.cli.main
 
-    monkeypatch.setattr(nas.cli, "cmd_export", _raising(exc))
+    monkeypatch.setattr(nas.cli.main, "cmd_export", _raising(exc))
     with pytest.raises(type(exc)):
         main(["export", "ckpt.pt", "--out", "x.mpq"])
 
 
 def test_nbest_entry_point_reports_user_errors_only(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    import nas.nbest_cli
-    from nas.errors import UsageError
+    import nas.cli.nbest
+    from nas.core.errors import UsageError
 
-    monkeypatch.setattr(nas.nbest_cli, "run_nbest", lambda *_a: (_ for _ in ()).throw(UsageError("bad option")))
-    assert nas.nbest_cli.main(["model.pt", "--nbest", "lists.json"]) == 2
+    monkeypatch.setattr(nas.cli.nbest, "run_nbest", lambda *_a: (_ for _ in ()).throw(UsageError("bad option")))
+    assert nas.cli.nbest.main(["model.pt", "--nbest", "lists.json"]) == 2
     assert "mpnas: error: bad option" in capsys.readouterr().err
-    monkeypatch.setattr(nas.nbest_cli, "run_nbest", lambda *_a: (_ for _ in ()).throw(ValueError("a bug")))
+    monkeypatch.setattr(nas.cli.nbest, "run_nbest", lambda *_a: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
-        nas.nbest_cli.main(["model.pt", "--nbest", "lists.json"])
+        nas.cli.nbest.main(["model.pt", "--nbest", "lists.json"])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -193,7 +193,7 @@ def test_user_errors_of_real_commands_exit_2(argv: list[str], message: str, tiny
 
 
 def test_train_shows_the_epoch_line(tiny_corpus_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Training logs its per-epoch line (nas.train's logger); `mpnas train` shows it on stdout."""
+    """Training logs its per-epoch line (nas.retrain.loop's logger); `mpnas train` shows it on stdout."""
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     assert main(["train", str(config), "--data", str(tiny_corpus_dir), "--out", str(tmp_path / "run"),

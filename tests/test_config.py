@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from nas.config import (
+from nas.config.sections import (
     ConfigError,
     DataSection,
     PipelineSection,
@@ -20,7 +20,7 @@ from nas.config import (
     load_config,
     parse_config,
 )
-from nas.nni_space import NniSettings
+from nas.nni.space import NniSettings
 
 
 @pytest.mark.parametrize("name", ["quick", "ptb_lstm", "ptb_transformer.yaml"])
@@ -181,7 +181,7 @@ def test_unknown_keys_are_rejected_in_every_section(section: str) -> None:
 
 def test_sections_built_in_python_are_checked_too() -> None:
     """dataclasses.replace (CLI overrides, benchmarks, NNI trials) re-runs the same checks."""
-    from nas.config import FieldError
+    from nas.config.sections import FieldError
 
     with pytest.raises(FieldError, match=r"'search\.arch_fraction' = 2 must be in \(0, 1\)"):
         dataclasses.replace(SearchSection(), arch_fraction=2)

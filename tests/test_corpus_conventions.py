@@ -17,8 +17,8 @@ import torch
 import yaml
 
 from nas import data
-from nas.cli import main
-from nas.data import EOS, UNK, DataError, load_corpus, read_sentences
+from nas.cli.main import main
+from nas.core.data import EOS, UNK, DataError, load_corpus, read_sentences
 
 TINY = {"model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
         "data": {"batch_size": 4, "bptt": 8},
@@ -149,13 +149,13 @@ def test_summary_counts_tokens_types_and_words_mapped_to_unk(tmp_path: Path) -> 
 
 def test_warning_for_words_mapped_to_unk_but_not_for_literal_unk(tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="nas.data"):
+    with caplog.at_level(logging.WARNING, logger="nas.core.data"):
         load_corpus(_unk_corpus(tmp_path))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "valid.txt: 3 tokens (2 word types, 42.86% of 7 tokens)" in warnings[0] and "'zebra' x2" in warnings[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="nas.data"):
+    with caplog.at_level(logging.WARNING, logger="nas.core.data"):
         load_corpus(_corpus(tmp_path / "lit", " a <unk> \n", " <unk> a \n", " a \n"))
     assert not caplog.records
 
@@ -176,11 +176,11 @@ def test_describe_vocab_mismatch_names_ids_words_and_sizes() -> None:
 def test_evaluate_says_how_the_vocabulary_differs(tiny_corpus_dir: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    import nas.cli
+    import nas.cli.main
 
     words = load_corpus(tiny_corpus_dir).vocab.words
     stale = ("\ufeff" + words[0], *words[1:])
-    monkeypatch.setattr(nas.cli, "_load_any_model", lambda _path: (torch.nn.Linear(1, 1), {}, stale))
+    monkeypatch.setattr(nas.cli.main, "load_any_model", lambda _path: (torch.nn.Linear(1, 1), {}, stale))
     model = tmp_path / "best.pt"
     model.write_bytes(b"x")
     assert main(["evaluate", str(model), "--data", str(tiny_corpus_dir)]) == 2
@@ -202,9 +202,9 @@ def test_space_prints_the_corpus_summary(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_train_prints_the_corpus_summary(tiny_corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    import nas.train
+    import nas.retrain.loop
 
-    monkeypatch.setattr(nas.train, "train", lambda *_a, **_k: {"valid_ppl": 1.0, "test_ppl": 1.0})
+    monkeypatch.setattr(nas.retrain.loop, "train", lambda *_a, **_k: {"valid_ppl": 1.0, "test_ppl": 1.0})
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     assert main(["train", str(config), "--data", str(tiny_corpus_dir), "--out", str(tmp_path / "run")]) == 0
@@ -216,7 +216,7 @@ def test_train_prints_the_corpus_summary(tiny_corpus_dir: Path, tmp_path: Path, 
 # PTB: counts and vocabulary order unchanged --------------------------------------------
 
 def test_ptb_counts_and_vocabulary_order_are_unchanged(ptb_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="nas.data"):
+    with caplog.at_level(logging.WARNING, logger="nas.core.data"):
         corpus = load_corpus(ptb_dir)
     assert not caplog.records  # PTB's own <unk> tokens are in the vocabulary
     assert hashlib.sha256("\n".join(corpus.vocab.words).encode()).hexdigest() == PTB_VOCAB_SHA256
@@ -234,7 +234,7 @@ def test_ptb_counts_and_vocabulary_order_are_unchanged(ptb_dir: Path, caplog: py
 def test_blank_lines_is_an_experiment_key_used_by_the_commands(tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """`data.blank_lines: skip` in the YAML reaches the corpus `mpnas train` reads; a bad value names the key."""
-    from nas.config import ConfigError, parse_config
+    from nas.config.sections import ConfigError, parse_config
 
     folder = _corpus(tmp_path / "c", WIKI_TRAIN, " a \n\n", " d \n")
     exp = {"model": {"type": "lstm", "embed_dim": 4, "hidden_dim": 4, "num_layers": 1},

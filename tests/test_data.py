@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nas import data as data_mod
-from nas.data import (
+from nas.core.data import (
     EOS,
     DataError,
     Vocabulary,

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nas.checkpoint import load_checkpoint
-from nas.config import ConfigError, parse_config
-from nas.data import load_corpus
-from nas.distill import Distiller, distillation_loss
-from nas.retrain import retrain
-from nas.train import train
+from nas.config.sections import ConfigError, parse_config
+from nas.core.checkpoint import load_checkpoint
+from nas.core.data import load_corpus
+from nas.retrain.distill import Distiller, distillation_loss
+from nas.retrain.loop import train
+from nas.retrain.run import retrain
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
 from tests.synthetic import write_synthetic_corpus

@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from nas.gumbel import GumbelSupernet, _MixedQuantize, budgeted_argmax, fill_reward
+from nas.search.gumbel import GumbelSupernet, _MixedQuantize, budgeted_argmax, fill_reward
 from search_spaces.models import build_model
 from search_spaces.precision import find_clusters
 from search_spaces.quant import dequantize, fake_quantize, quantize_codes, solve_scale, table_values
@@ -123,7 +123,7 @@ def test_budgeted_argmax_fill_reaches_the_budget_on_the_rewarded_path() -> None:
 
 
 def test_integral_resets_when_the_budget_is_crossed() -> None:
-    from nas.gumbel import _integrate
+    from nas.search.gumbel import _integrate
 
     assert _integrate(1.0, 0.5, 0.1) == pytest.approx(1.05)  # over budget, still pushing down: integrate
     assert _integrate(1.0, -0.05, 0.1) == pytest.approx(-0.005)  # under budget: the push-down is dropped

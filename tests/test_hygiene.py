@@ -13,9 +13,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = ("nas", "evaluators", "search_spaces")
 # Modules whose job is the command line's output, and the CLI entry functions of other modules.
-CLI_MODULES = {"nas/cli.py", "nas/nbest_cli.py", "nas/search_cli.py", "nas/report_cli.py"}
-CLI_FUNCTIONS = {("nas/pipeline.py", "cmd_pipeline"), ("nas/nni_launcher.py", "cmd_nni"),
-                 ("nas/nni_launcher.py", "_print_summary"), ("nas/nni_trial.py", "main")}
+CLI_MODULES = {"nas/cli/main.py", "nas/cli/nbest.py", "nas/cli/search.py", "nas/cli/report.py"}
+CLI_FUNCTIONS = {("nas/pipeline/runner.py", "cmd_pipeline"), ("nas/nni/launcher.py", "cmd_nni"),
+                 ("nas/nni/launcher.py", "_print_summary"), ("nas/nni/trial.py", "main")}
 
 
 def _library_files() -> list[Path]:
@@ -46,26 +46,26 @@ def test_library_code_logs_instead_of_printing() -> None:
 
 def test_training_reports_epochs_through_logging(tiny_corpus_dir: Path, tmp_path: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from nas.config import parse_config
-    from nas.data import load_corpus
-    from nas.train import train
+    from nas.config.sections import parse_config
+    from nas.core.data import load_corpus
+    from nas.retrain.loop import train
 
     exp = parse_config({"model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
                         "data": {"batch_size": 4, "bptt": 8}, "train": {"epochs": 1, "max_steps_per_epoch": 3}})
-    with caplog.at_level(logging.INFO, logger="nas.train"):
+    with caplog.at_level(logging.INFO, logger="nas.retrain.loop"):
         train(exp, load_corpus(tiny_corpus_dir), tmp_path / "run", progress=False)
-    lines = [r.getMessage() for r in caplog.records if r.name == "nas.train" and r.levelno == logging.INFO]
+    lines = [r.getMessage() for r in caplog.records if r.name == "nas.retrain.loop" and r.levelno == logging.INFO]
     assert any(line.startswith("epoch 1: train ppl ") for line in lines), lines
 
 
 def test_user_errors_share_one_base_class() -> None:
     from evaluators.nbest import NBestError
     from evaluators.report import ReportError
-    from nas.data import DataError
-    from nas.errors import CheckpointError, MpnasError, UsageError
-    from nas.pipeline import PipelineError
-    from nas.prototypes import PrototypeError
-    from nas.train import TrainingDivergedError
+    from nas.core.data import DataError
+    from nas.core.errors import CheckpointError, MpnasError, UsageError
+    from nas.pipeline.runner import PipelineError
+    from nas.retrain.loop import TrainingDivergedError
+    from nas.retrain.prototype_store import PrototypeError
     from search_spaces.packed import PackedFileError
     from search_spaces.precision import PrecisionMapError
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nas.admm import AdmmHooks
-from nas.checkpoint import load_checkpoint
-from nas.config import ConfigError, parse_config
-from nas.data import load_corpus
-from nas.retrain import retrain
-from nas.ste import SteHooks
+from nas.config.sections import ConfigError, parse_config
+from nas.core.checkpoint import load_checkpoint
+from nas.core.data import load_corpus
+from nas.retrain.admm import AdmmHooks
+from nas.retrain.run import retrain
+from nas.retrain.ste import SteHooks
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
 from search_spaces.quant import qmax

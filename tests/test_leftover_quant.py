@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from evaluators.perplexity import perplexity
-from evaluators.size import model_size
-from nas.config import SearchSection, load_config
-from nas.strategies import get_strategy
+from nas.config.sections import SearchSection, load_config
+from nas.search.strategies import get_strategy
 from search_spaces.apply import fake_quantize_, quantize_, quantize_all_, remove_fake_quantize_
 from search_spaces.models import build_model
 from search_spaces.packed import PackedFileError, export_packed, load_packed, read_packed
 from search_spaces.precision import LEFTOVER_BITS, PrecisionMap, find_clusters, find_leftovers
 from search_spaces.quant import dequantize_affine, quantize_affine
+from search_spaces.size import model_size
 from search_spaces.space import SearchSpace, SpaceError
 
 SRC = "exp.yaml"
@@ -289,10 +289,10 @@ def test_affine_quantizer_edges() -> None:
 def test_retraining_validates_and_ends_with_quantized_leftovers(method: str, tmp_path: Path) -> None:
     """Retraining with leftover_bits 8: the leftovers train in FP, best.pt holds them on their 8-bit grid,
     and the validated perplexity is the one of the model with quantized leftovers (what the packed file holds)."""
-    from nas.config import parse_config
-    from nas.data import load_corpus
-    from nas.retrain import retrain
-    from nas.train import train
+    from nas.config.sections import parse_config
+    from nas.core.data import load_corpus
+    from nas.retrain.loop import train
+    from nas.retrain.run import retrain
     from tests.synthetic import write_synthetic_corpus
 
     exp = parse_config({"model": {"type": "lstm", "embed_dim": 12, "hidden_dim": 12, "num_layers": 1},
@@ -310,14 +310,14 @@ def test_retraining_validates_and_ends_with_quantized_leftovers(method: str, tmp
     model.load_state_dict(torch.load(tmp_path / "q" / "best.pt", weights_only=True)["model"])
     for name, tensor in find_leftovers(model).items():
         assert torch.equal(quantize_affine(tensor, 8).weight, tensor.detach()), name  # a fixed point: on its grid
-    from nas.train import _evaluate
+    from nas.retrain.loop import _evaluate
 
     assert metrics["valid_ppl"] == pytest.approx(_evaluate(model, exp, corpus, "valid", torch.device("cpu")), rel=1e-5)
 
 
 def test_pipeline_stage_hash_includes_leftover_bits_only_when_set() -> None:
     """Changing leftover_bits reruns retrain/export; maps without it keep their old hashes."""
-    from nas.stages import canonical_hash, precision_hash
+    from nas.pipeline.stages import canonical_hash, precision_hash
 
     model = _model("lstm")
     plain, eight = PrecisionMap.uniform(model, 2), PrecisionMap.uniform(model, 2, leftover_bits=8)

@@ -104,7 +104,7 @@ def test_retrain_takes_batches_and_method_names(pretrained: dict, streams: tuple
 
 def test_search_takes_names_budget_kinds_and_spaces(pretrained: dict, streams: tuple) -> None:
     from nas.api import make_space, search
-    from nas.errors import UsageError
+    from nas.core.errors import UsageError
 
     model = pretrained["transformer"]
     uniform = search(model, None, "uniform", streams[0], budget={"compression": 8.0})
@@ -145,9 +145,9 @@ def test_every_verb_and_config_imports_from_one_module() -> None:
 
 
 def test_strategy_names_are_listed_once() -> None:
-    from nas.config import STRATEGY_NAMES, PipelineSection
-    from nas.options import STRATEGY_CONFIGS
-    from nas.strategies import STRATEGIES
+    from nas.config.options import STRATEGY_CONFIGS
+    from nas.config.sections import STRATEGY_NAMES, PipelineSection
+    from nas.search.strategies import STRATEGIES
 
     assert set(STRATEGIES) == set(STRATEGY_NAMES) == set(STRATEGY_CONFIGS)
     assert all(STRATEGIES[name]().name == name for name in STRATEGIES)
@@ -155,9 +155,9 @@ def test_strategy_names_are_listed_once() -> None:
 
 
 def test_config_defaults_are_the_sections_defaults() -> None:
-    from nas.config import DataSection, RetrainSection, SearchSection
-    from nas.gumbel import GumbelSettings
-    from nas.options import RETRAIN_CONFIGS, STRATEGY_CONFIGS
+    from nas.config.options import RETRAIN_CONFIGS, STRATEGY_CONFIGS
+    from nas.config.sections import DataSection, RetrainSection, SearchSection
+    from nas.search.gumbel import GumbelSettings
 
     search, retrain, data = SearchSection(), RetrainSection(), DataSection()
     for cls in STRATEGY_CONFIGS.values():
@@ -175,8 +175,8 @@ def test_config_defaults_are_the_sections_defaults() -> None:
 
 
 def test_configs_are_checked_by_the_schema() -> None:
-    from nas.options import AdmmConfig, GumbelConfig, KLConfig, SteConfig
-    from nas.schema import ConfigError
+    from nas.config.options import AdmmConfig, GumbelConfig, KLConfig, SteConfig
+    from nas.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="kl_tokens"):
         KLConfig(kl_tokens=0)

@@ -1,7 +1,7 @@
 """``mpnas nni``: NNI experiments over search settings (hparams mode) or bit widths (bits mode).
 
 The pure tests run in the main venv without NNI: settings, search spaces, the objective, the
-emitted YAML, both trial modes run standalone, and that ``import nas.cli`` does not import nni.
+emitted YAML, both trial modes run standalone, and that ``import nas.cli.main`` does not import nni.
 The NNI tests skip where NNI is missing; run them in the NNI venv::
 
     .venv-nni/bin/python -m pytest -q tests/test_nni_launcher.py
@@ -29,9 +29,9 @@ import pytest
 import yaml
 
 from evaluators.report import parse_row
-from nas.cli import main
-from nas.config import ConfigError, parse_config
-from nas.nni_launcher import (
+from nas.cli.main import main
+from nas.config.sections import ConfigError, parse_config
+from nas.nni.launcher import (
     PROJECT_ROOT,
     collect_results,
     experiment_dict,
@@ -39,7 +39,7 @@ from nas.nni_launcher import (
     tuner_config,
     tuner_error,
 )
-from nas.nni_space import (
+from nas.nni.space import (
     DEFAULT_GUMBEL_SPACE,
     DIVERGED_OBJECTIVE,
     NniSettings,
@@ -49,7 +49,7 @@ from nas.nni_space import (
     load_settings,
     objective,
 )
-from nas.nni_trial import derive_config, pick_row
+from nas.nni.trial import derive_config, pick_row
 from tests.synthetic import write_synthetic_corpus
 
 HAS_NNI = importlib.util.find_spec("nni") is not None
@@ -69,8 +69,8 @@ TINY = {"model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers":
 @pytest.fixture(scope="module")
 def fp(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny corpus, its experiment file and an FP checkpoint trained on it (a few seconds)."""
-    from nas.data import load_corpus
-    from nas.train import train
+    from nas.core.data import load_corpus
+    from nas.retrain.loop import train
 
     root = tmp_path_factory.mktemp("nni_fp")
     corpus = write_synthetic_corpus(root / "corpus")
@@ -91,7 +91,7 @@ def _config(tmp_path: Path, **sections: Any) -> Path:
 
 
 def test_importing_the_cli_does_not_import_nni() -> None:
-    code = ("import sys, nas.cli, nas.nni_launcher, nas.nni_space, nas.nni_trial; "
+    code = ("import sys, nas.cli.main, nas.nni.launcher, nas.nni.space, nas.nni.trial; "
             "bad = sorted(m for m in sys.modules if m == 'nni' or m.startswith('nni.')); "
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, check=False)
@@ -209,7 +209,7 @@ def test_hparams_mode_checks_the_space_on_the_model_before_nni(sections: dict[st
 
 
 def test_bits_space_is_the_search_space_in_nni_form(fp: dict[str, Path]) -> None:
-    from nas.nni_space import model_from_checkpoint
+    from nas.nni.space import model_from_checkpoint
     from search_spaces.space import SearchSpace
 
     exp = parse_config({**TINY, "space": {"bits": [1, 2, 4], "keep_fp": ["decoder"],
@@ -254,7 +254,7 @@ def test_emit_config(mode: str, fp: dict[str, Path], tmp_path: Path, capsys: pyt
     assert f"nnictl create --config {target}" in printed and f"mpnas report {out.resolve()}/trials/*" in printed
     emitted = yaml.safe_load(target.read_text())
     spec_path = out.resolve() / "nni" / "spec.json"
-    assert emitted["trialCommand"] == f"/opt/venv-nni/bin/python -m nas.nni_trial --spec {spec_path}"
+    assert emitted["trialCommand"] == f"/opt/venv-nni/bin/python -m nas.nni.trial --spec {spec_path}"
     assert emitted["trialCodeDirectory"] == str(PROJECT_ROOT) and Path(emitted["trialCodeDirectory"]).is_absolute()
     assert (emitted["trialConcurrency"], emitted["maxTrialNumber"], emitted["maxExperimentDuration"]) == (2, 6, "600s")
     assert emitted["experimentWorkingDirectory"] == str(out.resolve() / "nni" / "experiments")
@@ -341,7 +341,7 @@ def _standalone_trial(fp: dict[str, Path], tmp_path: Path, mode: str, params: di
                  str(fp["checkpoint"]), "--data", str(fp["corpus"]), "--threads", "1",
                  "--emit-config", str(tmp_path / "exp.yml")]) == 0
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNI_")}
-    done = subprocess.run([sys.executable, "-m", "nas.nni_trial", "--spec", str(out / "nni" / "spec.json"),
+    done = subprocess.run([sys.executable, "-m", "nas.nni.trial", "--spec", str(out / "nni" / "spec.json"),
                            "--params", json.dumps(params)], cwd=PROJECT_ROOT, env=env, capture_output=True,
                           text=True, check=False, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -365,7 +365,7 @@ def test_bits_trial_standalone(fp: dict[str, Path], tmp_path: Path) -> None:
     assert result["default"] == pytest.approx(objective(row["valid_ppl"], row["avg_bits"], 2.0, 10.0))
     assert result["ppl"] == row["valid_ppl"] and result["size_bytes"] == row["theoretical_bytes"]
     assert row["packed_bytes"] == (run / "retrain" / label / "model.mpq").stat().st_size
-    assert (run / "config.yaml").is_file() and "nas.nni_trial" in (run / "command.txt").read_text()
+    assert (run / "config.yaml").is_file() and "nas.nni.trial" in (run / "command.txt").read_text()
     assert not (run / "retrain" / label / "checkpoint.pt").exists()
 
 
@@ -386,7 +386,7 @@ def test_experiment_dict_is_nni_v2(tmp_path: Path) -> None:
     spec = tmp_path / "spec.json"
     config = experiment_dict(NniSettings(trials=3), {"x": {"_type": "choice", "_value": [1]}}, spec, tmp_path / "w",
                              "name", python="/usr/bin/python3")
-    assert config["trialCommand"] == f"/usr/bin/python3 -m nas.nni_trial --spec {spec}"
+    assert config["trialCommand"] == f"/usr/bin/python3 -m nas.nni.trial --spec {spec}"
     assert set(config) == {"experimentName", "searchSpace", "trialCommand", "trialCodeDirectory", "trialConcurrency",
                            "maxTrialNumber", "maxExperimentDuration", "experimentWorkingDirectory", "tuner",
                            "trainingService"}
@@ -403,7 +403,7 @@ def _env(home: Path) -> dict[str, str]:
 
 
 def _mpnas(args: list[str], env: dict[str, str], timeout: int = 400) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "nas.cli", *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "nas.cli.main", *args], cwd=PROJECT_ROOT, env=env, capture_output=True,
                           text=True, check=False, timeout=timeout)
 
 
@@ -443,7 +443,7 @@ def test_nnictl_runs_the_emitted_config(fp: dict[str, Path], tmp_path: Path) -> 
                    "--data", str(fp["corpus"]), "--threads", "1", "--emit-config", str(target)], env)
     assert done.returncode == 0, done.stderr
     nnictl = str(Path(sys.executable).parent / "nnictl")
-    from nas.nni_launcher import free_port
+    from nas.nni.launcher import free_port
 
     port = free_port()
     created = subprocess.run([nnictl, "create", "--config", str(target), "--port", str(port)], env=env,

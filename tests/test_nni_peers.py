@@ -28,10 +28,10 @@ from benchmarks.nni_peers import (  # noqa: E402 - only importable once NNI is k
     nni_quantize_train,
     nni_targets,
 )
-from nas.checkpoint import load_checkpoint  # noqa: E402
-from nas.config import ExperimentConfig, parse_config  # noqa: E402
-from nas.data import Corpus, load_corpus  # noqa: E402
-from nas.train import train  # noqa: E402
+from nas.config.sections import ExperimentConfig, parse_config  # noqa: E402
+from nas.core.checkpoint import load_checkpoint  # noqa: E402
+from nas.core.data import Corpus, load_corpus  # noqa: E402
+from nas.retrain.loop import train  # noqa: E402
 from search_spaces.models import build_model  # noqa: E402
 from search_spaces.precision import find_clusters  # noqa: E402
 from tests.synthetic import write_synthetic_corpus  # noqa: E402

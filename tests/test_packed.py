@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from evaluators.perplexity import perplexity
-from evaluators.size import model_size
 from search_spaces.models import build_model
 from search_spaces.packed import PackedFileError, export_packed, load_packed, pack_codes, unpack_codes
 from search_spaces.precision import PrecisionMap, find_clusters
 from search_spaces.quant import qmax
+from search_spaces.size import model_size
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8, 16])

@@ -17,12 +17,12 @@ import pytest
 import torch
 import yaml
 
-import nas.stages
-from nas.cli import main
-from nas.config import ConfigError, load_config
-from nas.pipeline import PipelineError, read_rows, run_pipeline, write_report_of
-from nas.prototypes import PrototypeError
-from nas.stages import ROW_KEYS
+import nas.pipeline.stages
+from nas.cli.main import main
+from nas.config.sections import ConfigError, load_config
+from nas.pipeline.runner import PipelineError, read_rows, run_pipeline, write_report_of
+from nas.pipeline.stages import ROW_KEYS
+from nas.retrain.prototype_store import PrototypeError
 from search_spaces.packed import load_packed
 from search_spaces.precision import PrecisionMap
 from tests.synthetic import write_synthetic_corpus
@@ -131,8 +131,8 @@ def test_rerun_skips_every_stage(full_run: tuple[Path, list[str]], corpus_dir: P
     run = _copy(full_run[0], tmp_path)
     before = (run / "state.json").read_text()
     for name in ("train", "retrain", "get_strategy", "perplexity", "export_packed"):
-        monkeypatch.setattr(nas.stages, name, _refuse)
-    monkeypatch.setattr("nas.pipeline.write_report_of", _refuse)
+        monkeypatch.setattr(nas.pipeline.stages, name, _refuse)
+    monkeypatch.setattr("nas.pipeline.runner.write_report_of", _refuse)
     lines: list[str] = []
     rows = run_pipeline(_write_config(tmp_path, TINY), run, data=corpus_dir, log=lines.append)
     assert len(lines) == 21 and all(line.endswith(": up to date") for line in lines)
@@ -183,7 +183,7 @@ def test_changing_retraining_reruns_retrain_and_later(full_run: tuple[Path, list
 
 def test_given_checkpoint_replaces_fp_training(full_run: tuple[Path, list[str]], corpus_dir: Path,
                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(nas.stages, "train", _refuse)  # FP training must not run; retraining does its own
+    monkeypatch.setattr(nas.pipeline.stages, "train", _refuse)  # FP training must not run; retraining does its own
     fp = full_run[0] / "fp" / "best.pt"
     run = tmp_path / "run"
     rows = run_pipeline(_write_config(tmp_path, TINY), run, data=corpus_dir, checkpoint=fp,
@@ -210,7 +210,7 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) ->
 
 
 def _pipeline_cmd(config: Path, run: Path, corpus: Path) -> list[str]:
-    return [sys.executable, "-m", "nas.cli", "pipeline", str(config), "--out", str(run), "--data", str(corpus),
+    return [sys.executable, "-m", "nas.cli.main", "pipeline", str(config), "--out", str(run), "--data", str(corpus),
             "--threads", "1"]
 
 
@@ -281,7 +281,7 @@ def test_quickstart_runs_the_pipeline_on_quick(monkeypatch: pytest.MonkeyPatch, 
         calls.append((config, args.out))
         return Path(args.out)
 
-    monkeypatch.setattr("nas.cli.run_from_args", fake)
+    monkeypatch.setattr("nas.cli.main.run_from_args", fake)
     assert main(["quickstart", "--out", str(tmp_path / "qs")]) == 0
     assert calls == [("quick", str(tmp_path / "qs"))]
     assert capsys.readouterr().out.strip().splitlines()[-1].endswith(str(tmp_path / "qs" / "report" / "report.html"))
@@ -292,9 +292,9 @@ def test_quickstart_runs_the_pipeline_on_quick(monkeypatch: pytest.MonkeyPatch, 
 def test_stages_one_by_one_with_a_given_map(full_run: tuple[Path, list[str]], corpus_dir: Path,
                                             tmp_path: Path) -> None:
     """What an NNI trial does: a map chosen elsewhere, retrained and evaluated into its own folder."""
-    from nas.data import load_corpus
-    from nas.pipeline import Pipeline
-    from nas.stages import Point, load_model
+    from nas.core.data import load_corpus
+    from nas.pipeline.runner import Pipeline
+    from nas.pipeline.stages import Point, load_model
 
     fp = full_run[0] / "fp" / "best.pt"
     pipe = Pipeline(load_config(_write_config(tmp_path, TINY)), tmp_path / "trial", load_corpus(corpus_dir),
@@ -408,7 +408,7 @@ def test_bad_space_or_setting_exits_2_before_any_training(change: dict[str, Any]
     def no_training(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the pipeline started training before it checked the config")
 
-    monkeypatch.setattr("nas.pipeline.train_fp", no_training)
+    monkeypatch.setattr("nas.pipeline.runner.train_fp", no_training)
     config = _write_config(tmp_path, {**TINY, **change})
     start = time.perf_counter()
     assert main(["pipeline", str(config), "--out", str(tmp_path / "run"), "--data", str(corpus_dir)]) == 2

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nas.config import SearchSection
-from nas.strategies import SearchData, get_strategy
+from nas.config.sections import SearchSection
+from nas.search.strategies import SearchData, get_strategy
 from search_spaces.apply import quantize_
 from search_spaces.models import LSTMLM, from_torch_lstm
 from search_spaces.precision import PrecisionMap, find_clusters
@@ -152,7 +152,7 @@ def test_gumbel_on_a_plain_lstm_searches_its_fused_gate_rows(lstm: PlainLSTM, st
 
 
 def test_supernet_assembles_fused_parameters_from_their_clusters(lstm: PlainLSTM) -> None:
-    from nas.gumbel import GumbelSupernet
+    from nas.search.gumbel import GumbelSupernet
     from search_spaces.models import as_lm
 
     lm = as_lm(copy.deepcopy(lstm))

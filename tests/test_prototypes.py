@@ -9,20 +9,14 @@ import pytest
 import torch
 import yaml
 
-from nas.checkpoint import load_checkpoint
-from nas.cli import main
-from nas.config import parse_config
-from nas.data import load_corpus
-from nas.prototypes import (
-    INDEX,
-    PrototypeError,
-    build_prototypes,
-    load_prototypes,
-    prototype_file,
-    prototype_weights,
-)
-from nas.retrain import retrain
-from nas.stages import load_model
+from nas.cli.main import main
+from nas.config.sections import parse_config
+from nas.core.checkpoint import load_checkpoint
+from nas.core.data import load_corpus
+from nas.pipeline.prototypes import build_prototypes
+from nas.pipeline.stages import load_model
+from nas.retrain.prototype_store import INDEX, PrototypeError, load_prototypes, prototype_file, prototype_weights
+from nas.retrain.run import retrain
 from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
 from tests.synthetic import train_fp_run
 
@@ -120,8 +114,8 @@ def test_cli_builds_the_config_widths(fp_run: tuple[Path, Path], tmp_path: Path,
 def test_inherited_init_starts_every_cluster_from_its_prototype(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
     """A mixed map retrained with init: inherited starts each b-bit cluster exactly on the b-bit
     prototype's weights (on their table: the first projection keeps them), biases from FP."""
-    from nas.retrain import inherited_state
-    from nas.ste import SteHooks
+    from nas.retrain.run import inherited_state
+    from nas.retrain.ste import SteHooks
 
     corpus_dir, fp = fp_run
     exp, corpus = parse_config(EXP), load_corpus(corpus_dir)
@@ -166,7 +160,7 @@ def test_retrain_checks_the_map_before_reading_prototypes(fp_run: tuple[Path, Pa
 
 
 def test_inherited_init_refuses_prototypes_of_another_checkpoint(fp_run: tuple[Path, Path], tmp_path: Path) -> None:
-    from nas.retrain import inherited_state
+    from nas.retrain.run import inherited_state
 
     corpus_dir, fp = fp_run
     build_prototypes(parse_config(EXP), load_corpus(corpus_dir), fp, [2], tmp_path / "p")
@@ -204,13 +198,13 @@ def test_hessian_traces_are_shared_by_both_modes(fp_run: tuple[Path, Path], tmp_
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The FP model's traces do not depend on the prototypes: the second mode reuses them (same
     scores as a run without the cache), and other batches (hessian_batches) compute new ones."""
-    import nas.strategies
+    import nas.search.strategies
 
     corpus_dir, fp = fp_run
     build_prototypes(parse_config(EXP), load_corpus(corpus_dir), fp, [1, 2, 4], tmp_path / "p")
     calls: list[int] = []
-    real = nas.strategies.hutchinson_traces
-    monkeypatch.setattr(nas.strategies, "hutchinson_traces", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = nas.search.strategies.hutchinson_traces
+    monkeypatch.setattr(nas.search.strategies, "hutchinson_traces", lambda *a, **k: calls.append(1) or real(*a, **k))
     config = tmp_path / "exp.yaml"
 
     def search(out: str, *extra: str, batches: int = 1) -> PrecisionMap:
@@ -233,7 +227,7 @@ def test_hessian_traces_are_shared_by_both_modes(fp_run: tuple[Path, Path], tmp_
 
 def test_supernet_over_prototypes_mixes_the_prototype_weights() -> None:
     """Prototype mode: W_mix = sum_b pi_b P_b with constant P_b (W itself only as the 32-bit candidate)."""
-    from nas.gumbel import GumbelSupernet
+    from nas.search.gumbel import GumbelSupernet
     from search_spaces.models import build_model
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from evaluators.report import COLUMNS, cluster_order, collect_rows, load_maps, write_report
-from nas.cli import main
+from nas.cli.main import main
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
 

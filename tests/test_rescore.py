@@ -23,10 +23,10 @@ from evaluators.rescore import (
     tune_weights,
 )
 from evaluators.wer import corpus_wer
-from nas.checkpoint import save_checkpoint
-from nas.cli import _load_any_model
-from nas.data import EOS, UNK, Vocabulary
-from nas.nbest_cli import build_parser, main, run_nbest
+from nas.cli.common import load_any_model
+from nas.cli.nbest import build_parser, main, run_nbest
+from nas.core.checkpoint import save_checkpoint
+from nas.core.data import EOS, UNK, Vocabulary
 from search_spaces.models import LMOutput, build_model, model_config_dict
 from search_spaces.packed import export_packed
 from search_spaces.precision import PrecisionMap
@@ -223,7 +223,7 @@ def test_run_nbest_end_to_end_with_compare(tmp_path: Path, capsys: pytest.Captur
     nbest = write_jsonl(tmp_path / "lists.jsonl", synthetic_nbest(12))
     argv = [str(a), "--nbest", str(nbest), "--compare", str(b), "--dev-count", "6",
             "--lm-weights", "0", "0.5,1", "--ins-penalties=-0.5,0,0.5", "--json"]
-    assert run_nbest(build_parser().parse_args(argv), _load_any_model) == 0
+    assert run_nbest(build_parser().parse_args(argv), load_any_model) == 0
     out = capsys.readouterr().out
     assert "dev 6, test 6" in out and "test WER" in out and "p-value" in out
     data = json.loads(out.strip().splitlines()[-1])
@@ -252,7 +252,7 @@ def test_packed_model_needs_a_vocabulary(tmp_path: Path, capsys: pytest.CaptureF
     short.write_text(f"{EOS}\nthe\n")
     with pytest.raises(ValueError, match="output words"):
         run_nbest(build_parser().parse_args([str(packed), "--nbest", str(nbest), "--vocab", str(short)]),
-                  _load_any_model)
+                  load_any_model)
 
 
 def test_malformed_inputs_name_the_file(tmp_path: Path) -> None:
@@ -264,11 +264,11 @@ def test_malformed_inputs_name_the_file(tmp_path: Path) -> None:
     array.write_text('[{"input": ["the cat"], "output": 3}]')
     for path, what in ((bad, "line 2"), (no_ref, "reference"), (array, "record 0")):
         with pytest.raises(ValueError, match="reference|line|record") as info:
-            run_nbest(build_parser().parse_args([str(ckpt), "--nbest", str(path)]), _load_any_model)
+            run_nbest(build_parser().parse_args([str(ckpt), "--nbest", str(path)]), load_any_model)
         assert str(path) in str(info.value) and what in str(info.value)
     dup = tmp_path / "dup.txt"
     dup.write_text(f"{EOS}\nthe\nthe\n")
     with pytest.raises(ValueError, match="line 3: duplicate"):
         good = write_jsonl(tmp_path / "good.jsonl", synthetic_nbest(4))
         run_nbest(build_parser().parse_args([str(ckpt), "--nbest", str(good), "--vocab", str(dup)]),
-                  _load_any_model)
+                  load_any_model)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from nas import sensitivity
-from nas.sensitivity import TraceEstimate, hessian_scores, hutchinson_traces, kl_scores, lm_loss_fn
+from nas.search import sensitivity
+from nas.search.sensitivity import TraceEstimate, hessian_scores, hutchinson_traces, kl_scores, lm_loss_fn
 from search_spaces.models import LSTMLM, LMOutput, LSTMConfig, TransformerConfig, TransformerLM
 from search_spaces.precision import cluster_weight, find_clusters
 from search_spaces.quant import quantization_error, quantize
@@ -190,7 +190,7 @@ def test_cap_is_hit_reported_and_logged(converged_lstm: tuple, caplog: pytest.Lo
     capped, and the warning names it."""
     model, batch = converged_lstm
     names = ["embedding", "layers.0.input_gate.hh"]
-    with caplog.at_level("WARNING", logger="nas.sensitivity"):
+    with caplog.at_level("WARNING", logger="nas.search.sensitivity"):
         estimates = hutchinson_traces(model, names, lm_loss_fn([batch]), tol=0.1, max_iters=200, seed=0)
     slow, fast = estimates["layers.0.input_gate.hh"], estimates["embedding"]
     assert slow.iters == 200 and slow.capped and slow.rel_error > 0.1
@@ -463,7 +463,7 @@ def test_kl_and_hessian_rank_the_sensitive_cluster_higher() -> None:
 
 @pytest.mark.parametrize(("noise", "shift"), [(1e-4, 0.0), (1e-3, 5.0), (0.3, 0.0), (2.0, -3.0)])
 def test_summed_kl_matches_float64_log_softmax(noise: float, shift: float) -> None:
-    from nas.sensitivity import _summed_kl
+    from nas.search.sensitivity import _summed_kl
 
     gen = torch.Generator().manual_seed(2)
     reference = torch.randn(3, 7, 500, generator=gen) * 3

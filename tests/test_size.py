@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from evaluators.size import model_size
 from search_spaces.apply import fake_quantize_
 from search_spaces.models import LSTMLM, LSTMConfig, TransformerConfig, TransformerLM
 from search_spaces.precision import PrecisionMap
+from search_spaces.size import model_size
 
 
 class Tiny(nn.Module):

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from evaluators.size import model_size
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap, find_clusters
+from search_spaces.size import model_size
 from search_spaces.space import DEFAULT_BITS, Budget, SearchSpace, SpaceError
 
 SRC = "exp.yaml"

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nas.config import SearchSection, parse_config
-from nas.data import load_corpus
-from nas.strategies import STRATEGIES, SearchData, get_strategy
-from nas.train import train
+from nas.config.sections import SearchSection, parse_config
+from nas.core.data import load_corpus
+from nas.retrain.loop import train
+from nas.search.strategies import STRATEGIES, SearchData, get_strategy
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap, find_clusters
 from search_spaces.space import SearchSpace

@@ -1,4 +1,4 @@
-"""Thread defaults that share cores (issue 16, item 4): the rule of nas/threads.py and where it applies."""
+"""Thread defaults that share cores (issue 16, item 4): the rule of nas/core/threads.py and where it applies."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-import nas.threads
-from nas.cli import main
-from nas.threads import resolve_threads, threads_per_job
+import nas.core.threads
+from nas.cli.main import main
+from nas.core.threads import resolve_threads, threads_per_job
 from tests.synthetic import write_synthetic_corpus
 
 TINY = {"model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
@@ -24,7 +24,7 @@ TINY = {"model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers":
 @pytest.fixture
 def eight_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     """An 8-core machine with none of the thread variables set."""
-    monkeypatch.setattr(nas.threads, "usable_cores", lambda: 8)
+    monkeypatch.setattr(nas.core.threads, "usable_cores", lambda: 8)
     for name in ("MPNAS_THREADS", "OMP_NUM_THREADS", "MPNAS_JOBS"):
         monkeypatch.delenv(name, raising=False)
 
@@ -57,7 +57,7 @@ def test_bad_values_name_the_variable(env: dict[str, str], requested: int | None
 
 
 def test_usable_cores_is_at_most_torch_default() -> None:
-    assert 1 <= nas.threads.usable_cores() <= nas.threads._TORCH_DEFAULT_THREADS
+    assert 1 <= nas.core.threads.usable_cores() <= nas.core.threads._TORCH_DEFAULT_THREADS
 
 
 def test_cli_applies_the_rule(eight_cores: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

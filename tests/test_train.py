@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from nas.checkpoint import load_checkpoint
-from nas.config import parse_config
-from nas.data import load_corpus
-from nas.distributed import DistInfo
-from nas.train import TrainingDivergedError, epoch_batches, learning_rate, train
+from nas.config.sections import parse_config
+from nas.core.checkpoint import load_checkpoint
+from nas.core.data import load_corpus
+from nas.retrain.distributed import DistInfo
+from nas.retrain.loop import TrainingDivergedError, epoch_batches, learning_rate, train
 
 LSTM = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers": 2, "dropout": 0.2},
         "data": {"batch_size": 4, "bptt": 10, "eval_batch_size": 2},
@@ -68,7 +68,7 @@ def test_resume_ends_with_the_same_weights(raw: dict, where: str, tiny_corpus_di
 def test_fp_batch_order_is_unchanged(tiny_corpus_dir: Path) -> None:
     """FP training shuffles Transformer windows exactly as before retrain.seed took over retraining's
     order: by train.seed and the epoch (so the committed reference checkpoints stay reproducible)."""
-    from nas.data import window_batches
+    from nas.core.data import window_batches
 
     corpus = load_corpus(tiny_corpus_dir)
     exp = parse_config(TRANSFORMER)
@@ -82,21 +82,21 @@ def test_fp_batch_order_is_unchanged(tiny_corpus_dir: Path) -> None:
 def _retrain_first_batches(corpus_dir: Path, fp: Path, out: Path, seed: int,
                            monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """The inputs of every batch a Transformer retraining with ``retrain.seed: seed`` shuffles."""
-    import nas.data
-    import nas.train
-    from nas.retrain import retrain
+    import nas.core.data
+    import nas.retrain.loop
+    from nas.retrain.run import retrain
     from search_spaces.models import build_model
     from search_spaces.precision import PrecisionMap
 
     seen: list[torch.Tensor] = []
-    real = nas.data.window_batches
+    real = nas.core.data.window_batches
 
     def spy(*args: object, **kwargs: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = real(*args, **kwargs)
         seen.append(torch.cat([x for x, _ in batches]))
         return batches
 
-    monkeypatch.setattr(nas.train, "window_batches", spy)
+    monkeypatch.setattr(nas.retrain.loop, "window_batches", spy)
     raw = {**TRANSFORMER, "retrain": {"method": "ste", "optimizer": "adam", "lr": 1e-3, "schedule": "constant",
                                       "epochs": 2, "max_steps_per_epoch": 2, "seed": seed}}
     exp = parse_config(raw)
@@ -122,7 +122,7 @@ def test_retrain_seed_drives_the_batch_order(tiny_corpus_dir: Path, tmp_path: Pa
 
 def test_retrain_with_its_own_seed_resumes_exactly(tiny_corpus_dir: Path, tmp_path: Path) -> None:
     """A Transformer retrained with retrain.seed != train.seed, killed mid-epoch, resumes to the same weights."""
-    from nas.retrain import retrain
+    from nas.retrain.run import retrain
     from search_spaces.models import build_model
     from search_spaces.precision import PrecisionMap
 
@@ -169,7 +169,7 @@ def test_torchrun_ddp_matches_single_process(raw: dict, tiny_corpus_dir: Path, t
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPNAS_DATA": str(tiny_corpus_dir)}
-    base = ["-m", "nas.cli", "train", str(config), "--no-progress"]
+    base = ["-m", "nas.cli.main", "train", str(config), "--no-progress"]
     subprocess.run([sys.executable, *base, "--out", str(tmp_path / "single")], env=env, check=True,
                    capture_output=True, timeout=300)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -192,12 +192,12 @@ def test_torchrun_retrain_reads_best_only_when_written(tiny_corpus_dir: Path, tm
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPNAS_DATA": str(tiny_corpus_dir)}
-    subprocess.run([sys.executable, "-m", "nas.cli", "train", str(config), "--no-progress", "--out",
+    subprocess.run([sys.executable, "-m", "nas.cli.main", "train", str(config), "--no-progress", "--out",
                     str(tmp_path / "fp")], env=env, check=True, capture_output=True, timeout=300)
     for attempt in range(2):
         out = tmp_path / f"rt{attempt}"
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                               "-m", "nas.cli", "retrain", str(config), "--precision", "uniform:2", "--checkpoint",
+                               "-m", "nas.cli.main", "retrain", str(config), "--precision", "uniform:2", "--checkpoint",
                                str(tmp_path / "fp" / "best.pt"), "--out", str(out), "--no-progress"],
                               env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 import torch
 
-import nas.stages
-import nas.train
+import nas.pipeline.stages
+import nas.retrain.loop
 from evaluators.perplexity import perplexity
-from nas.checkpoint import load_checkpoint
-from nas.config import ConfigError, TrainSection, parse_config
-from nas.data import Corpus, load_corpus
-from nas.distributed import DistInfo
-from nas.retrain import retrain
-from nas.train import epoch_batches, train
+from nas.config.sections import ConfigError, TrainSection, parse_config
+from nas.core.checkpoint import load_checkpoint
+from nas.core.data import Corpus, load_corpus
+from nas.retrain.distributed import DistInfo
+from nas.retrain.loop import epoch_batches, train
+from nas.retrain.run import retrain
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap
 
@@ -83,7 +83,7 @@ def test_valid_tokens_is_checked_and_inherited_by_retrain() -> None:
 def test_epochs_validate_on_a_slice_and_the_end_on_the_whole_splits(
         tiny_corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = load_corpus(tiny_corpus_dir)
-    calls = _spy(monkeypatch, nas.train)
+    calls = _spy(monkeypatch, nas.retrain.loop)
     metrics = train(parse_config(_with("train", valid_tokens=SLICE)), corpus, tmp_path / "run", progress=False)
     assert calls == [SLICE, SLICE, corpus.valid.numel(), corpus.test.numel()]
     best = load_checkpoint(tmp_path / "run" / "best.pt")
@@ -98,7 +98,7 @@ def test_epochs_validate_on_a_slice_and_the_end_on_the_whole_splits(
 def test_a_whole_split_validation_is_not_measured_again(
         tiny_corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = load_corpus(tiny_corpus_dir)
-    calls = _spy(monkeypatch, nas.train)
+    calls = _spy(monkeypatch, nas.retrain.loop)
     metrics = train(parse_config(EXP), corpus, tmp_path / "run", progress=False)
     valid, test = corpus.valid.numel(), corpus.test.numel()
     assert calls == [valid, valid, test]  # was [valid, valid, valid, test]
@@ -112,7 +112,7 @@ def test_retraining_validates_in_proportion(tokens: int | None, fp_run: tuple[Co
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     corpus, fp = fp_run
     precision = PrecisionMap.uniform(_model_from(fp), 2)
-    calls = _spy(monkeypatch, nas.train)
+    calls = _spy(monkeypatch, nas.retrain.loop)
     metrics = retrain(parse_config(_with("retrain", valid_tokens=tokens)), corpus, fp, precision, tmp_path / "rt",
                       progress=False)
     valid, test = corpus.valid.numel(), corpus.test.numel()
@@ -149,12 +149,12 @@ def test_the_fp_row_reuses_a_train_runs_measurement(fp_run: tuple[Corpus, Path],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Any `mpnas train` best.pt (e.g. a pipeline's --checkpoint) is measured once, when the settings match."""
     corpus, fp = fp_run
-    calls = _spy(monkeypatch, nas.stages)
+    calls = _spy(monkeypatch, nas.pipeline.stages)
     measured = json.loads((fp.parent / "metrics.json").read_text())
-    row = nas.stages.fp_row(parse_config(EXP), corpus, fp, "m", device="cpu", trained_here=False)
+    row = nas.pipeline.stages.fp_row(parse_config(EXP), corpus, fp, "m", device="cpu", trained_here=False)
     assert calls == [] and (row["valid_ppl"], row["test_ppl"]) == (measured["valid_ppl"], measured["test_ppl"])
     other = parse_config(_with("data", eval_batch_size=3))  # batched otherwise: other numbers, measured again
-    row = nas.stages.fp_row(other, corpus, fp, "m", device="cpu", trained_here=True)
+    row = nas.pipeline.stages.fp_row(other, corpus, fp, "m", device="cpu", trained_here=True)
     assert calls == [corpus.valid.numel(), corpus.test.numel()]
     assert row["valid_ppl"] != measured["valid_ppl"]
 
@@ -203,7 +203,7 @@ def test_stage_hashes_leave_out_the_default_valid_tokens() -> None:
     """Run folders from before the key keep their hashes: their FP and retrain stages are not redone."""
     import dataclasses
 
-    from nas.pipeline import section_inputs
+    from nas.pipeline.runner import section_inputs
 
     section = TrainSection()
     before = {k: v for k, v in dataclasses.asdict(section).items() if k != "valid_tokens"}

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GATES = ("input_gate", "forget_gate", "cell_gate", "output_gate")  # torch's i, f, g, o order
+from search_spaces.gates import LSTM_GATES
+
+GATES = LSTM_GATES  # one module per gate, in torch's order
 
 LSTMState = list[tuple[torch.Tensor, torch.Tensor]]
 
