@@ -16,8 +16,9 @@ import pytest
 import torch
 import yaml
 
-from nas import data
 from nas.cli.main import main
+from nas.core import data
+from nas.core.corpus_report import corpus_summary, describe_vocab_mismatch, format_corpus_summary
 from nas.core.data import EOS, UNK, DataError, load_corpus, read_sentences
 
 TINY = {"model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
@@ -130,8 +131,8 @@ def _unk_corpus(tmp_path: Path) -> Path:
 
 def test_summary_counts_tokens_types_and_words_mapped_to_unk(tmp_path: Path) -> None:
     corpus = load_corpus(_unk_corpus(tmp_path))
-    summary = data.corpus_summary(corpus)
-    assert summary == corpus.summary()
+    summary = corpus_summary(corpus)
+    assert summary == corpus_summary(corpus)
     json.dumps(summary)  # plain data, ready for metrics.json
     assert summary["vocab_size"] == 4 and summary["has_unk"] and summary["blank_lines"] == "eos"
     train, valid, test = (summary["splits"][s] for s in data.SPLITS)
@@ -142,8 +143,8 @@ def test_summary_counts_tokens_types_and_words_mapped_to_unk(tmp_path: Path) -> 
     assert (valid["oov_tokens"], valid["oov_types"]) == (3, 2)
     assert list(valid["oov_words"].items()) == [("zebra", 2), ("yak", 1)]
     assert (test["unk"], test["oov_tokens"]) == (1, 0)
-    assert list(data.corpus_summary(corpus, max_words=1)["splits"]["valid"]["oov_words"]) == ["zebra"]
-    text = data.format_corpus_summary(summary)
+    assert list(corpus_summary(corpus, max_words=1)["splits"]["valid"]["oov_words"]) == ["zebra"]
+    text = format_corpus_summary(summary)
     assert "valid: 7 tokens" in text and "'zebra' x2" in text and "57.14%" in text
 
 
@@ -163,13 +164,13 @@ def test_warning_for_words_mapped_to_unk_but_not_for_literal_unk(tmp_path: Path,
 # vocabulary mismatch message ------------------------------------------------------------
 
 def test_describe_vocab_mismatch_names_ids_words_and_sizes() -> None:
-    text = data.describe_vocab_mismatch(("\ufeffa", "b", EOS), ("a", "b", EOS, "c"))
+    text = describe_vocab_mismatch(("\ufeffa", "b", EOS), ("a", "b", EOS, "c"))
     assert "checkpoint has 3 words, corpus has 4" in text
     assert "#0: checkpoint '\\ufeffa' vs corpus 'a'" in text
     assert "only in corpus: 'a', 'c'" in text and "byte-order mark" in text
-    reordered = data.describe_vocab_mismatch(("a", EOS, "b"), ("a", "b", EOS))
+    reordered = describe_vocab_mismatch(("a", EOS, "b"), ("a", "b", EOS))
     assert "#1: checkpoint '<eos>' vs corpus 'b'" in reordered and "different order" in reordered
-    longer = data.describe_vocab_mismatch(("a", "b"), ("a", "b", "c"), expected_name="model")
+    longer = describe_vocab_mismatch(("a", "b"), ("a", "b", "c"), expected_name="model")
     assert "the first 2 agree; corpus goes on with 'c'" in longer and "model has 2 words" in longer
 
 
@@ -220,7 +221,7 @@ def test_ptb_counts_and_vocabulary_order_are_unchanged(ptb_dir: Path, caplog: py
         corpus = load_corpus(ptb_dir)
     assert not caplog.records  # PTB's own <unk> tokens are in the vocabulary
     assert hashlib.sha256("\n".join(corpus.vocab.words).encode()).hexdigest() == PTB_VOCAB_SHA256
-    splits = corpus.summary()["splits"]
+    splits = corpus_summary(corpus)["splits"]
     assert [splits[s]["tokens"] for s in data.SPLITS] == [929_589, 73_760, 82_430]
     assert [splits[s]["lines"] for s in data.SPLITS] == [42_068, 3_370, 3_761]
     assert [splits[s]["blank_lines"] for s in data.SPLITS] == [0, 0, 0]

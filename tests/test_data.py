@@ -7,19 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nas import data as data_mod
-from nas.core.data import (
-    EOS,
-    DataError,
-    Vocabulary,
-    iter_stream_chunks,
-    load_corpus,
-    num_stream_chunks,
-    read_sentences,
-    resolve_data_dir,
-    stream_batches,
-    window_batches,
-)
+from nas.core import data as data_mod
+from nas.core.batches import iter_stream_chunks, num_stream_chunks, stream_batches, window_batches
+from nas.core.data import EOS, DataError, Vocabulary, load_corpus, read_sentences, resolve_data_dir
 
 
 def test_real_ptb_counts(ptb_dir: Path) -> None:

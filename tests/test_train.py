@@ -68,7 +68,7 @@ def test_resume_ends_with_the_same_weights(raw: dict, where: str, tiny_corpus_di
 def test_fp_batch_order_is_unchanged(tiny_corpus_dir: Path) -> None:
     """FP training shuffles Transformer windows exactly as before retrain.seed took over retraining's
     order: by train.seed and the epoch (so the committed reference checkpoints stay reproducible)."""
-    from nas.core.data import window_batches
+    from nas.core.batches import window_batches
 
     corpus = load_corpus(tiny_corpus_dir)
     exp = parse_config(TRANSFORMER)
@@ -82,14 +82,14 @@ def test_fp_batch_order_is_unchanged(tiny_corpus_dir: Path) -> None:
 def _retrain_first_batches(corpus_dir: Path, fp: Path, out: Path, seed: int,
                            monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     """The inputs of every batch a Transformer retraining with ``retrain.seed: seed`` shuffles."""
-    import nas.core.data
+    import nas.core.batches
     import nas.retrain.loop
     from nas.retrain.run import retrain
     from search_spaces.models import build_model
     from search_spaces.precision import PrecisionMap
 
     seen: list[torch.Tensor] = []
-    real = nas.core.data.window_batches
+    real = nas.core.batches.window_batches
 
     def spy(*args: object, **kwargs: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
         batches = real(*args, **kwargs)

@@ -14,14 +14,8 @@ from nas.cli.report import add_report_parser
 from nas.cli.search import add_search_parser, add_space_parser
 from nas.config.sections import load_config
 from nas.core.console import configure_logging
-from nas.core.data import (
-    CorpusOptions,
-    DataError,
-    describe_vocab_mismatch,
-    format_corpus_summary,
-    load_corpus,
-    resolve_data_dir,
-)
+from nas.core.corpus_report import corpus_summary, describe_vocab_mismatch, format_corpus_summary
+from nas.core.data import CorpusOptions, DataError, load_corpus, resolve_data_dir
 from nas.core.errors import UsageError
 from nas.core.threads import apply_threads
 from nas.nni.launcher import add_nni_parser
@@ -43,7 +37,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     exp = load_config(args.config)
     corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
-    print(format_corpus_summary(corpus.summary()), flush=True)
+    print(format_corpus_summary(corpus_summary(corpus)), flush=True)
     out = Path(args.out or Path("runs") / Path(exp.source).stem)
     metrics = train(exp, corpus, out, device=args.device, resume=args.resume,
                     progress=not args.no_progress, checkpoint_every=args.checkpoint_every)

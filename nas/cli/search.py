@@ -10,7 +10,8 @@ from typing import Any
 from torch import nn
 
 from nas.config.sections import STRATEGY_NAMES, ExperimentConfig, load_config
-from nas.core.data import DataError, describe_vocab_mismatch, format_corpus_summary, load_corpus, resolve_data_dir
+from nas.core.corpus_report import corpus_summary, describe_vocab_mismatch, format_corpus_summary
+from nas.core.data import DataError, load_corpus, resolve_data_dir
 from nas.core.errors import UsageError
 from search_spaces.models import build_model
 from search_spaces.space import BUDGET_KINDS, SearchSpace
@@ -50,7 +51,7 @@ def cmd_space(args: argparse.Namespace) -> int:
     vocab_size = None
     if not args.checkpoint:
         corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
-        print(format_corpus_summary(corpus.summary()))
+        print(format_corpus_summary(corpus_summary(corpus)))
         vocab_size = len(corpus.vocab)
     model, _ = model_for(exp, args.checkpoint, vocab_size)
     budget = parse_budget(args.budget) if args.budget else exp.budget

@@ -19,7 +19,7 @@ Line conventions (see :class:`CorpusOptions`):
   ``\n``, blank lines included).
 
 Unknown words in valid/test become ``<unk>`` when the training vocabulary has it (and
-are an error otherwise); :func:`corpus_summary` counts them, and :func:`load_corpus`
+are an error otherwise); :func:`nas.core.corpus_report.corpus_summary` counts them, and :func:`load_corpus`
 logs a warning when there are any.
 """
 
@@ -31,10 +31,10 @@ import os
 import tempfile
 import urllib.request
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
@@ -313,9 +313,10 @@ class Corpus:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
         return getattr(self, name)
 
-    def summary(self, max_words: int = 20) -> dict[str, Any]:
-        """:func:`corpus_summary` of this corpus."""
-        return corpus_summary(self, max_words)
+
+def count_noun(n: int, noun: str) -> str:
+    """``1 token``, ``2,000 tokens``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def load_corpus(folder: str | os.PathLike, options: CorpusOptions | None = None) -> Corpus:
@@ -352,166 +353,8 @@ def load_corpus(folder: str | os.PathLike, options: CorpusOptions | None = None)
             listed = ", ".join(f"{word!r} x{count}" for word, count in s.oov_words[:10])
             more = f" and {len(s.oov_words) - 10} more" if len(s.oov_words) > 10 else ""
             logger.warning("%s: %s (%s, %.2f%% of %s) not in the training vocabulary, mapped to %s: %s%s",
-                           text.path, _count(s.oov_tokens, "token"), _count(len(s.oov_words), "word type"),
-                           100.0 * s.oov_tokens / max(s.tokens, 1), _count(s.tokens, "token"), UNK, listed, more)
+                           text.path, count_noun(s.oov_tokens, "token"), count_noun(len(s.oov_words), "word type"),
+                           100.0 * s.oov_tokens / max(s.tokens, 1), count_noun(s.tokens, "token"), UNK, listed, more)
     return Corpus(vocab=vocab, folder=folder, options=options, stats=stats, **streams)
 
 
-def corpus_summary(corpus: Corpus, max_words: int = 20) -> dict[str, Any]:
-    """Per-split counts as a plain, JSON-ready dict.
-
-    ``splits[name]`` holds ``tokens`` (``<eos>`` included), ``lines``, ``blank_lines``,
-    ``types`` (distinct words of the text, ``<eos>`` included), ``unk`` (``<unk>`` tokens
-    after mapping) and ``unk_rate``, ``oov_tokens`` / ``oov_types`` (words not in the
-    training vocabulary, mapped to ``<unk>``) and ``oov_words``: the ``max_words`` most
-    frequent of them with counts (ties in order of first appearance). Counts that a
-    corpus built without :func:`load_corpus` does not know are ``None``.
-    """
-    splits: dict[str, dict[str, Any]] = {}
-    unk_id = corpus.vocab.unk_id
-    for name in SPLITS:
-        stream = corpus.split(name)
-        stat = corpus.stats.get(name)
-        tokens = stream.numel()
-        unk = int((stream == unk_id).sum()) if unk_id is not None else 0
-        entry: dict[str, Any] = {
-            "file": stat.file if stat else None,
-            "tokens": tokens,
-            "lines": stat.lines if stat else None,
-            "blank_lines": stat.blank_lines if stat else None,
-            "types": stat.types if stat else None,
-            "unk": unk,
-            "unk_rate": unk / tokens if tokens else 0.0,
-            "oov_tokens": stat.oov_tokens if stat else None,
-            "oov_types": len(stat.oov_words) if stat else None,
-            "oov_words": dict(stat.oov_words[:max_words]) if stat else None,
-        }
-        splits[name] = entry
-    return {"folder": str(corpus.folder), "vocab_size": len(corpus.vocab), "has_unk": unk_id is not None,
-            "blank_lines": corpus.options.blank_lines, "splits": splits}
-
-
-def _count(n: int, noun: str) -> str:
-    """``1 token``, ``2,000 tokens``."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
-def format_corpus_summary(summary: Mapping[str, Any]) -> str:
-    """A few human-readable lines for a :func:`corpus_summary` dict (the CLI prints them)."""
-    out = [f"corpus {summary['folder']}: vocabulary {summary['vocab_size']:,} words ({EOS} included"
-           f"{'' if summary['has_unk'] else f', no {UNK}'}), blank lines: {summary['blank_lines']}"]
-    for name, s in summary["splits"].items():
-        lines = "" if s["lines"] is None else f", {_count(s['lines'], 'line')} ({s['blank_lines']:,} blank)"
-        types = "" if s["types"] is None else f", {_count(s['types'], 'type')}"
-        unk = f"{UNK} {s['unk']:,} ({100 * s['unk_rate']:.2f}%)"
-        text = f"  {name + ':':<6} {_count(s['tokens'], 'token')}{lines}{types}, {unk}"
-        if s["oov_tokens"]:
-            shown = ", ".join(f"{word!r} x{count}" for word, count in s["oov_words"].items())
-            more = "" if len(s["oov_words"]) >= s["oov_types"] else f", ... ({_count(s['oov_types'], 'word')})"
-            text += f"; {_count(s['oov_tokens'], 'token')} not in the training vocabulary -> {UNK}: {shown}{more}"
-        out.append(text)
-    return "\n".join(out)
-
-
-def describe_vocab_mismatch(expected_words: Sequence[str], actual_words: Sequence[str], *,
-                            expected_name: str = "checkpoint", actual_name: str = "corpus",
-                            limit: int = 3) -> str:
-    """One line saying how two vocabularies differ: sizes, first differing ids, a hint.
-
-    For error messages such as a checkpoint whose vocabulary is not the corpus'.
-    """
-    expected, actual = tuple(expected_words), tuple(actual_words)
-    if expected == actual:
-        return f"the vocabularies are identical ({len(expected):,} words)"
-    parts = [f"{expected_name} has {len(expected):,} words, {actual_name} has {len(actual):,}"]
-    differing = []
-    for i, (a, b) in enumerate(zip(expected, actual, strict=False)):
-        if a != b:
-            differing.append(f"#{i}: {expected_name} {a!r} vs {actual_name} {b!r}")
-            if len(differing) == limit:
-                break
-    if differing:
-        parts.append("first differing ids " + ", ".join(differing))
-    else:
-        shorter = min(len(expected), len(actual))
-        longer_name, longer = (expected_name, expected) if len(expected) > len(actual) else (actual_name, actual)
-        extra = ", ".join(repr(w) for w in longer[shorter:shorter + limit])
-        parts.append(f"the first {shorter:,} agree; {longer_name} goes on with {extra}")
-    expected_set, actual_set = set(expected), set(actual)
-    only_expected = [w for w in expected if w not in actual_set]
-    only_actual = [w for w in actual if w not in expected_set]
-    if not only_expected and not only_actual:
-        parts.append("same words in a different order (ids follow first appearance in train.txt: "
-                     "was it edited, or read with other blank-line/BOM conventions?)")
-    else:
-        for name, words in ((expected_name, only_expected), (actual_name, only_actual)):
-            if words:
-                more = f" (+{len(words) - limit:,} more)" if len(words) > limit else ""
-                parts.append(f"only in {name}: " + ", ".join(repr(w) for w in words[:limit]) + more)
-    if any(BOM in w for w in only_expected + only_actual):
-        parts.append("a word holds a byte-order mark (U+FEFF); mpnas now drops one at the start of a file")
-    return "; ".join(parts)
-
-
-def stream_batches(stream: torch.Tensor, batch_size: int, bptt: int) -> torch.Tensor:
-    """Lay a token stream out as ``batch_size`` contiguous rows (``[batch, length]``).
-
-    Row ``b`` continues in the next chunk, so an LSTM carries its state across chunks.
-    Tokens that do not fill a whole column are dropped (fewer than ``batch_size``).
-    """
-    length = stream.numel() // batch_size
-    if length < 2:
-        raise DataError(f"stream of {stream.numel()} tokens is too short for batch size {batch_size}")
-    return stream[: length * batch_size].view(batch_size, length)
-
-
-def iter_stream_chunks(rows: torch.Tensor, bptt: int,
-                       start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(index, inputs, targets)`` chunks of ``bptt`` steps from batched rows."""
-    n_chunks = num_stream_chunks(rows, bptt)
-    for index in range(start, n_chunks):
-        begin = index * bptt
-        end = min(begin + bptt, rows.size(1) - 1)
-        yield index, rows[:, begin:end], rows[:, begin + 1 : end + 1]
-
-
-def num_stream_chunks(rows: torch.Tensor, bptt: int) -> int:
-    """Number of chunks :func:`iter_stream_chunks` yields."""
-    return (rows.size(1) - 1 + bptt - 1) // bptt
-
-
-def window_batches(stream: torch.Tensor, context: int, batch_size: int, generator: torch.Generator
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Cut a stream into fixed context windows, shuffled, grouped into batches.
-
-    A random offset (from ``generator``) shifts the window grid each epoch so that
-    every position is sometimes near the start of a window.
-    """
-    offset = int(torch.randint(0, context, (1,), generator=generator))
-    usable = (stream.numel() - 1 - offset) // context
-    if usable < 1:
-        raise DataError(f"stream of {stream.numel()} tokens is shorter than one context of {context}")
-    inputs = stream[offset : offset + usable * context].view(usable, context)
-    targets = stream[offset + 1 : offset + 1 + usable * context].view(usable, context)
-    order = torch.randperm(usable, generator=generator)
-    return [(inputs[order[i : i + batch_size]], targets[order[i : i + batch_size]])
-            for i in range(0, usable, batch_size)]
-
-
-def check_token_batches(batches: Iterable[Any], what: str = "batches") -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``batches`` as a list of ``(inputs, targets)`` pairs of equal, non-empty ``[batch, time]`` shapes.
-
-    Raises ValueError naming the offending pair (``what[i]``) or an empty input.
-    """
-    checked = []
-    for i, batch in enumerate(batches):
-        if not isinstance(batch, tuple | list) or len(batch) != 2:
-            raise ValueError(f"{what}[{i}] must be an (inputs, targets) pair, got {type(batch).__name__}")
-        inputs, targets = batch
-        if inputs.dim() != 2 or inputs.shape != targets.shape or inputs.numel() == 0:
-            raise ValueError(f"{what}[{i}]: inputs and targets must be equal non-empty [batch, time] shapes, "
-                             f"got {tuple(inputs.shape)} and {tuple(targets.shape)}")
-        checked.append((inputs, targets))
-    if not checked:
-        raise ValueError(f"{what} is empty; expected at least one (inputs, targets) pair")
-    return checked

@@ -38,8 +38,10 @@ from tqdm import tqdm
 
 from evaluators.perplexity import perplexity
 from nas.config.sections import ConfigError, ExperimentConfig, TrainSection
+from nas.core.batches import iter_stream_chunks, stream_batches, window_batches
 from nas.core.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
-from nas.core.data import Corpus, iter_stream_chunks, stream_batches, window_batches
+from nas.core.corpus_report import corpus_summary
+from nas.core.data import Corpus
 from nas.core.errors import CheckpointError, MpnasError
 from nas.retrain.distill import Distiller
 from nas.retrain.distributed import DistInfo, barrier, dist_info_from_env, init_distributed, resolve_device, shutdown
@@ -409,7 +411,7 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
         "train_seconds": clock["train"], "valid_seconds": clock["valid"],
         "train_tokens_per_s": (train_tokens / train_seconds) if train_seconds else
         (history[-1]["tokens_per_s"] if history else 0.0),
-        "history": history, "world_size": info.world_size, "corpus": corpus.summary(),
+        "history": history, "world_size": info.world_size, "corpus": corpus_summary(corpus),
         "evaluation": evaluation_settings(exp, corpus), **hooks.metrics(),
     }
     if info.is_main:

@@ -18,7 +18,8 @@ from torch import nn
 
 from nas.config.sections import ExperimentConfig, RetrainSection
 from nas.core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
-from nas.core.data import Corpus, DataError, describe_vocab_mismatch
+from nas.core.corpus_report import describe_vocab_mismatch
+from nas.core.data import Corpus, DataError
 from nas.core.errors import CheckpointError, UsageError
 from nas.core.hashing import file_sha256
 from nas.retrain.admm import AdmmHooks

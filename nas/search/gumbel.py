@@ -59,7 +59,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from nas.config.defaults import GumbelSettings
-from nas.core.data import stream_batches, window_batches
+from nas.core.batches import stream_batches, window_batches
 from nas.core.errors import MpnasError
 from search_spaces.precision import Cluster, PrecisionMap, cluster_parameter, cluster_weight, find_clusters
 from search_spaces.quant import FULL_PRECISION, fake_quantize, solve_scale, table_values

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nas.config.defaults import MIN_PROBES
-from nas.core.data import check_token_batches
+from nas.core.batches import check_token_batches
 from nas.core.errors import MpnasError
 from search_spaces.models.protocol import as_lm
 from search_spaces.precision import Cluster, cluster_parameter, cluster_weight, find_clusters

@@ -33,7 +33,7 @@ from torch import nn
 
 from nas.config.sections import SearchSection
 from nas.core.atomic import atomic_write_json
-from nas.core.data import stream_batches, window_batches
+from nas.core.batches import stream_batches, window_batches
 from nas.core.errors import MpnasError, UsageError
 from nas.search.allocate import allocate
 from nas.search.gumbel import GumbelSettings, gumbel_search
