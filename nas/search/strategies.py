@@ -37,15 +37,9 @@ from nas.core.batches import stream_batches, window_batches
 from nas.core.errors import MpnasError, UsageError
 from nas.search.allocate import allocate
 from nas.search.gumbel import GumbelSettings, gumbel_search
-from nas.search.sensitivity import (
-    Replacements,
-    ScoreTable,
-    TraceEstimate,
-    hessian_scores,
-    hutchinson_traces,
-    kl_scores,
-    lm_loss_fn,
-)
+from nas.search.hessian import TraceEstimate, hessian_scores, hutchinson_traces, lm_loss_fn
+from nas.search.kl import kl_scores
+from nas.search.sensitivity import Replacements, ScoreTable
 from search_spaces.models.protocol import as_lm
 from search_spaces.precision import PrecisionMap
 from search_spaces.space import SearchSpace
