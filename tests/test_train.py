@@ -15,7 +15,8 @@ from nas.config.sections import parse_config
 from nas.core.checkpoint import load_checkpoint
 from nas.core.data import load_corpus
 from nas.retrain.distributed import DistInfo
-from nas.retrain.loop import TrainingDivergedError, epoch_batches, learning_rate, train
+from nas.retrain.hooks import TrainingDivergedError
+from nas.retrain.loop import epoch_batches, learning_rate, train
 
 LSTM = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers": 2, "dropout": 0.2},
         "data": {"batch_size": 4, "bptt": 10, "eval_batch_size": 2},

@@ -35,7 +35,7 @@ from nas.core.data import CorpusOptions
 from search_spaces.models import MODEL_TYPES
 from search_spaces.space import Budget, SpaceError
 
-PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "search_spaces"
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[2] / "search_spaces"
 STRATEGY_NAMES = ("gumbel", "kl", "hessian", "uniform", "random")
 MAX_SEED = 2**32 - 1  # NNI's tuners seed numpy, which takes 32-bit seeds
 

@@ -68,7 +68,7 @@ from nas.nni.space import (  # re-exported: the launcher's public names
     load_settings,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # holds nas/: trials run `-m nas.nni.trial` from here
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds nas/: trials run `-m nas.nni.trial` from here
 FAILED_STATES = ("FAILED", "SYS_CANCELED")
 FINAL_STATES = ("DONE", "STOPPED", "ERROR")
 GRACE_S = 60  # past max_seconds, for NNI to end the experiment itself

@@ -190,7 +190,7 @@ def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path
     from nas.config.sections import load_config
     from nas.core.data import load_corpus
     from nas.retrain.distributed import DistInfo, resolve_device
-    from nas.retrain.loop import TrainingDivergedError
+    from nas.retrain.hooks import TrainingDivergedError
     from nas.retrain.run import load_fp_checkpoint, retrain
     from search_spaces.models import build_model
     from search_spaces.packed import export_packed, load_packed

@@ -24,7 +24,8 @@ from torch import nn
 from nas.config.options import RetrainConfig
 from nas.config.sections import RetrainSection
 from nas.core.batches import check_token_batches, iter_stream_chunks, stream_batches, window_batches
-from nas.retrain.loop import TrainingDivergedError, TrainingHooks, learning_rate, make_optimizer
+from nas.retrain.hooks import TrainingDivergedError, TrainingHooks
+from nas.retrain.loop import learning_rate, make_optimizer
 from nas.retrain.run import make_hooks
 from search_spaces.models.protocol import as_lm
 from search_spaces.precision import PrecisionMap

@@ -21,13 +21,11 @@ per-epoch measurement of ``best.pt``) and ``evaluation`` (:func:`evaluation_sett
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,74 +40,13 @@ from nas.core.batches import iter_stream_chunks, stream_batches, window_batches
 from nas.core.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
 from nas.core.corpus_report import corpus_summary
 from nas.core.data import Corpus
-from nas.core.errors import CheckpointError, MpnasError
+from nas.core.errors import CheckpointError
 from nas.retrain.distill import Distiller
 from nas.retrain.distributed import DistInfo, barrier, dist_info_from_env, init_distributed, resolve_device, shutdown
+from nas.retrain.hooks import EpochStats, Position, RunOptions, TrainingDivergedError, TrainingHooks
 from search_spaces.models import build_model, model_config_dict
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDivergedError(MpnasError, RuntimeError):
-    """The loss or gradient norm became NaN or infinite (the message says which setting to lower)."""
-
-
-class TrainingHooks:
-    """Extension points of the training loop; the defaults do nothing (plain FP training).
-
-    Quantization-aware retraining (ADMM, STE) subclasses this instead of copying the loop.
-    """
-
-    def begin(self, steps_per_epoch: int) -> None:
-        """Called once before the first step of this call (fresh or resumed), with the epoch length."""
-
-    def before_forward(self, model: nn.Module) -> None:
-        """Called before each training forward pass."""
-
-    def penalty(self, model: nn.Module) -> torch.Tensor | None:
-        """An extra loss term added to the cross-entropy (before ``loss_reduction`` scaling)."""
-        return None
-
-    def before_step(self, model: nn.Module) -> None:
-        """Called after backward, before gradient clipping and the optimizer step."""
-
-    def after_step(self, model: nn.Module, global_step: int, *, lr: float, loss_scale: float) -> None:
-        """Called after each optimizer step, with the step's learning rate and loss scale.
-
-        ADMM applies its proximal pull here, outside the optimizer, so Adam cannot normalise it away.
-        """
-
-    @contextlib.contextmanager
-    def evaluation(self, model: nn.Module) -> Iterator[None]:
-        """Context in which validation runs and the best checkpoint is taken."""
-        yield
-
-    def finish(self, model: nn.Module) -> None:
-        """Called once after the last epoch, with the best weights loaded."""
-
-    def postfix(self) -> dict[str, str]:
-        """Extra fields for the progress bar."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        """State saved in checkpoints so that a resumed run continues exactly."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-
-    def metrics(self) -> dict[str, Any]:
-        """Extra entries for metrics.json."""
-        return {}
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where training stands: the next epoch and the next step inside it."""
-
-    epoch: int = 0
-    step: int = 0
-    global_step: int = 0
 
 
 def learning_rate(cfg: TrainSection, epoch: int, global_step: int, total_steps: int) -> float:
@@ -201,16 +138,6 @@ def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # tied weights are counted once
 
 
-@dataclass(frozen=True)
-class RunOptions:
-    """How one call of :func:`train` runs (not what it trains)."""
-
-    resume: bool = False
-    progress: bool = True
-    checkpoint_every: int = 0
-    stop_after_steps: int | None = None
-
-
 def train(exp: ExperimentConfig, corpus: Corpus, out_dir: str | Path, *, device: str | None = "cpu",
           resume: bool = False, progress: bool = True, checkpoint_every: int = 0,
           stop_after_steps: int | None = None, train_cfg: TrainSection | None = None,
@@ -244,176 +171,221 @@ def _train(exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Pa
            info: DistInfo, options: RunOptions, initial_state: dict[str, torch.Tensor] | None,
            make_hooks: Callable[[nn.Module], TrainingHooks], distiller: Distiller | None = None
            ) -> dict[str, Any]:
-    resume, progress = options.resume, options.progress
-    checkpoint_every, stop_after_steps = options.checkpoint_every, options.stop_after_steps
     torch.manual_seed(cfg.seed)
-    model_kwargs = {**exp.model_kwargs(), "vocab_size": len(corpus.vocab)}
-    model = build_model(exp.model_type, **model_kwargs).to(dev)
+    model = build_model(exp.model_type, **{**exp.model_kwargs(), "vocab_size": len(corpus.vocab)}).to(dev)
     if initial_state is not None:
         model.load_state_dict(initial_state)
-    hooks = make_hooks(model)
-    recurrent = hasattr(model, "init_state")
-    optimizer = make_optimizer(cfg, model.parameters())
-    position, best_valid, history = Position(), math.inf, []
-    lstm_state = None
-    ckpt_path, best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
-    valid_total = corpus.split("valid").numel()
-    # tokens the per-epoch validation scores; None in _evaluate = the whole split
-    select_tokens = valid_total if cfg.valid_tokens is None else min(cfg.valid_tokens, valid_total)
-    select_slice = None if select_tokens == valid_total else select_tokens
-    clock = {"train": 0.0, "valid": 0.0}  # seconds, summed over resumed calls (saved in checkpoints)
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("valid_tokens", valid_total) != select_tokens:
-            raise CheckpointError(f"{ckpt_path}: this run validated on {ckpt.get('valid_tokens', valid_total)} valid "
-                                  f"tokens per epoch, the config now asks for {select_tokens} (valid_tokens = "
-                                  f"{cfg.valid_tokens}); resume with the same valid_tokens or start a fresh run")
-        clock.update(ckpt.get("seconds") or {})
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        position = Position(**ckpt["position"])
-        best_valid, history = ckpt["best_valid"], ckpt["history"]
-        hooks.load_state_dict(ckpt.get("hooks", {}))
-        if ckpt.get("lstm_state") is not None:
-            lstm_state = [(h.to(dev), c.to(dev)) for h, c in ckpt["lstm_state"]]
-        if distiller is not None:
-            distiller.load_state_dict(ckpt.get("distiller", {}), dev)
-    elif resume and info.is_main:
-        log.info("no checkpoint at %s; starting from scratch", ckpt_path)
-    net: nn.Module = DistributedDataParallel(model) if info.enabled else model
+    return _Run(exp, cfg, corpus, out_dir, dev, info, options, model, make_hooks(model), distiller).run()
 
-    def save(pos: Position, state: Any) -> None:
-        if info.is_main:
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": torch.get_rng_state(), "position": pos.__dict__, "best_valid": best_valid,
-                "history": history, "config": exp.to_dict(), "hooks": hooks.state_dict(),
-                "valid_tokens": select_tokens, "seconds": dict(clock),
-                "distiller": distiller.state_dict() if distiller is not None else None,
+
+class _Run:
+    """One call of :func:`train`: the model, its optimizer and hooks, where it stands, what it measured."""
+
+    def __init__(self, exp: ExperimentConfig, cfg: TrainSection, corpus: Corpus, out_dir: Path, dev: torch.device,
+                 info: DistInfo, options: RunOptions, model: nn.Module, hooks: TrainingHooks,
+                 distiller: Distiller | None) -> None:
+        self.exp, self.cfg, self.corpus, self.out_dir, self.dev, self.info = exp, cfg, corpus, out_dir, dev, info
+        self.options, self.model, self.hooks, self.distiller = options, model, hooks, distiller
+        self.recurrent = hasattr(model, "init_state")
+        self.optimizer = make_optimizer(cfg, model.parameters())
+        self.position, self.best_valid, self.history = Position(), math.inf, []
+        self.lstm_state: Any = None
+        self.ckpt_path, self.best_path = out_dir / "checkpoint.pt", out_dir / "best.pt"
+        self.valid_total = corpus.split("valid").numel()
+        # tokens the per-epoch validation scores; None in _evaluate = the whole split
+        self.select_tokens = self.valid_total if cfg.valid_tokens is None else min(cfg.valid_tokens, self.valid_total)
+        self.select_slice = None if self.select_tokens == self.valid_total else self.select_tokens
+        self.clock = {"train": 0.0, "valid": 0.0}  # seconds, summed over resumed calls (saved in checkpoints)
+        if options.resume:
+            self._resume()
+        self.net: nn.Module = DistributedDataParallel(model) if info.enabled else model
+        self.full_epoch_steps = len(epoch_batches(exp, corpus, 0, info, self.recurrent, cfg.seed))
+        self.steps_per_epoch = min(self.full_epoch_steps, cfg.max_steps_per_epoch or self.full_epoch_steps)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.steps_this_call, self.train_seconds, self.train_tokens = 0, 0.0, 0
+        self.steps_done = self.position.global_step
+        self.lr = 0.0
+
+    def _resume(self) -> None:
+        """Continue from ``checkpoint.pt`` (if there is one): weights, optimizer, RNG, position, hooks."""
+        if not self.ckpt_path.is_file():
+            if self.info.is_main:
+                log.info("no checkpoint at %s; starting from scratch", self.ckpt_path)
+            return
+        ckpt = load_checkpoint(self.ckpt_path)
+        if ckpt.get("valid_tokens", self.valid_total) != self.select_tokens:
+            raise CheckpointError(
+                f"{self.ckpt_path}: this run validated on {ckpt.get('valid_tokens', self.valid_total)} valid "
+                f"tokens per epoch, the config now asks for {self.select_tokens} (valid_tokens = "
+                f"{self.cfg.valid_tokens}); resume with the same valid_tokens or start a fresh run")
+        self.clock.update(ckpt.get("seconds") or {})
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        self.position = Position(**ckpt["position"])
+        self.best_valid, self.history = ckpt["best_valid"], ckpt["history"]
+        self.hooks.load_state_dict(ckpt.get("hooks", {}))
+        if ckpt.get("lstm_state") is not None:
+            self.lstm_state = [(h.to(self.dev), c.to(self.dev)) for h, c in ckpt["lstm_state"]]
+        if self.distiller is not None:
+            self.distiller.load_state_dict(ckpt.get("distiller", {}), self.dev)
+
+    def save(self, pos: Position, state: Any) -> None:
+        """Write ``checkpoint.pt`` (main rank): everything a resumed call needs to go on from ``pos``."""
+        if self.info.is_main:
+            save_checkpoint(self.ckpt_path, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "rng": torch.get_rng_state(), "position": pos.__dict__, "best_valid": self.best_valid,
+                "history": self.history, "config": self.exp.to_dict(), "hooks": self.hooks.state_dict(),
+                "valid_tokens": self.select_tokens, "seconds": dict(self.clock),
+                "distiller": self.distiller.state_dict() if self.distiller is not None else None,
                 "lstm_state": None if state is None else [(h.cpu(), c.cpu()) for h, c in state]})
 
-    full_epoch_steps = len(epoch_batches(exp, corpus, 0, info, recurrent, cfg.seed))
-    steps_per_epoch = full_epoch_steps
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.epochs
-    hooks.begin(steps_per_epoch)
-    steps_this_call, train_seconds, train_tokens = 0, 0.0, 0
-    steps_done = position.global_step
-    for epoch in range(position.epoch, cfg.epochs):
+    def run(self) -> dict[str, Any]:
+        """Every remaining epoch, then the final metrics (or where an early stop left the run)."""
+        self.hooks.begin(self.steps_per_epoch)
+        for epoch in range(self.position.epoch, self.cfg.epochs):
+            stopped = self._epoch(epoch)
+            if stopped is not None:
+                return stopped
+        return self._finish()
+
+    def _stop_here(self, pos: Position) -> dict[str, Any]:
+        return {"stopped_early": True, "position": pos.__dict__}
+
+    def _epoch(self, epoch: int) -> dict[str, Any] | None:
+        """Train one epoch (from where a resumed call left it), validate, save; the early-stop result or None."""
+        cfg, steps = self.cfg, self.steps_per_epoch
         tick = time.perf_counter()
-        batches = epoch_batches(exp, corpus, epoch, info, recurrent, cfg.seed)[:steps_per_epoch]
-        clock["train"] += time.perf_counter() - tick
-        start_step = position.step if epoch == position.epoch else 0
+        batches = epoch_batches(self.exp, self.corpus, epoch, self.info, self.recurrent, cfg.seed)[:steps]
+        self.clock["train"] += time.perf_counter() - tick
+        start_step = self.position.step if epoch == self.position.epoch else 0
         if start_step == 0:
-            lstm_state = None  # Zaremba: the hidden state starts from zero every epoch
-            if distiller is not None:
-                distiller.reset()
-        net.train()
-        epoch_loss, epoch_count, t0, epoch_tokens = 0.0, 0, time.perf_counter(), 0
-        bar = tqdm(total=steps_per_epoch, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not (progress and info.is_main), mininterval=1.0, dynamic_ncols=True)
-        global_step = position.global_step if epoch == position.epoch else epoch * steps_per_epoch
-        for step in range(start_step, steps_per_epoch):
+            self.lstm_state = None  # Zaremba: the hidden state starts from zero every epoch
+            if self.distiller is not None:
+                self.distiller.reset()
+        self.net.train()
+        stats = EpochStats(time.perf_counter())
+        bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not (self.options.progress and self.info.is_main), mininterval=1.0, dynamic_ncols=True)
+        global_step = self.position.global_step if epoch == self.position.epoch else epoch * steps
+        for step in range(start_step, steps):
             tick = time.perf_counter()
-            inputs, targets = (t.to(dev) for t in batches[step])
-            lr = learning_rate(cfg, epoch, global_step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            hooks.before_forward(model)
-            out = net(inputs, lstm_state, targets)
-            optimizer.zero_grad(set_to_none=True)
-            scale = inputs.size(1) if cfg.loss_reduction == "sum_time" else 1
-            extra = hooks.penalty(model)
-            objective = out.loss if distiller is None else distiller.mix(inputs, out.logits, out.loss)
-            total = objective if extra is None else objective + extra
-            (total * scale).backward()
-            hooks.before_step(model)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-            loss = float(out.loss.detach())
-            if not (math.isfinite(loss) and math.isfinite(float(norm))):
-                raise TrainingDivergedError(
-                    f"{exp.source}: training diverged at epoch {epoch + 1}, step {step + 1}: loss={loss}, "
-                    f"gradient norm={float(norm)}, lr={lr:g}. Lower train.lr or set train.clip; the last "
-                    f"good checkpoint is {ckpt_path}")
-            optimizer.step()
-            hooks.after_step(model, global_step, lr=lr, loss_scale=float(scale))
-            if recurrent:
-                lstm_state = model.detach_state(out.state)
+            loss, tokens = self._step(epoch, step, global_step, batches[step])
             global_step += 1
-            steps_done = global_step
-            steps_this_call += 1
-            clock["train"] += time.perf_counter() - tick
-            epoch_loss += loss
-            epoch_count += 1
-            epoch_tokens += inputs.numel() * info.world_size
-            elapsed = time.perf_counter() - t0
-            if step % cfg.log_interval == 0 or step + 1 == steps_per_epoch:
-                bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.1f}", lr=f"{lr:.3g}",
-                                tok_s=f"{epoch_tokens / max(elapsed, 1e-9):.0f}", **hooks.postfix())
+            self.steps_done = global_step
+            self.steps_this_call += 1
+            self.clock["train"] += time.perf_counter() - tick
+            stats.add(loss, tokens)
+            if step % cfg.log_interval == 0 or step + 1 == steps:
+                bar.set_postfix(loss=f"{loss:.3f}", ppl=f"{math.exp(min(loss, 50)):.1f}", lr=f"{self.lr:.3g}",
+                                tok_s=f"{stats.tokens_per_s():.0f}", **self.hooks.postfix())
             bar.update(1)
-            at_end = step + 1 == steps_per_epoch
-            if not at_end and checkpoint_every and global_step % checkpoint_every == 0:
-                save(Position(epoch, step + 1, global_step), lstm_state)
-            if stop_after_steps is not None and steps_this_call >= stop_after_steps and not at_end:
-                save(Position(epoch, step + 1, global_step), lstm_state)
+            if step + 1 == steps:
+                continue
+            here = Position(epoch, step + 1, global_step)
+            stop = self.options.stop_after_steps is not None and self.steps_this_call >= self.options.stop_after_steps
+            if stop or (self.options.checkpoint_every and global_step % self.options.checkpoint_every == 0):
+                self.save(here, self.lstm_state)
+            if stop:
                 bar.close()
-                return {"stopped_early": True, "position": Position(epoch, step + 1, global_step).__dict__}
+                return self._stop_here(here)
         bar.close()
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        train_tokens += epoch_tokens
-        with hooks.evaluation(model):
+        return self._end_epoch(epoch, global_step, stats)
+
+    def _step(self, epoch: int, step: int, global_step: int, batch: tuple[torch.Tensor, torch.Tensor]
+              ) -> tuple[float, int]:
+        """One optimizer step; its cross-entropy and the tokens it trained on (over all ranks)."""
+        cfg, model = self.cfg, self.model
+        inputs, targets = (t.to(self.dev) for t in batch)
+        self.lr = learning_rate(cfg, epoch, global_step, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        self.hooks.before_forward(model)
+        out = self.net(inputs, self.lstm_state, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = inputs.size(1) if cfg.loss_reduction == "sum_time" else 1
+        extra = self.hooks.penalty(model)
+        objective = out.loss if self.distiller is None else self.distiller.mix(inputs, out.logits, out.loss)
+        total = objective if extra is None else objective + extra
+        (total * scale).backward()
+        self.hooks.before_step(model)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
+        loss = float(out.loss.detach())
+        if not (math.isfinite(loss) and math.isfinite(float(norm))):
+            raise TrainingDivergedError(
+                f"{self.exp.source}: training diverged at epoch {epoch + 1}, step {step + 1}: loss={loss}, "
+                f"gradient norm={float(norm)}, lr={self.lr:g}. Lower train.lr or set train.clip; the last "
+                f"good checkpoint is {self.ckpt_path}")
+        self.optimizer.step()
+        self.hooks.after_step(model, global_step, lr=self.lr, loss_scale=float(scale))
+        if self.recurrent:
+            self.lstm_state = model.detach_state(out.state)
+        return loss, inputs.numel() * self.info.world_size
+
+    def _end_epoch(self, epoch: int, global_step: int, stats: EpochStats) -> dict[str, Any] | None:
+        """Validate, keep ``best.pt``, save the epoch's checkpoint; the early-stop result or None."""
+        seconds = time.perf_counter() - stats.start
+        self.train_seconds += seconds
+        self.train_tokens += stats.tokens
+        with self.hooks.evaluation(self.model):
             tick = time.perf_counter()
-            valid_ppl = _evaluate(model, exp, corpus, "valid", dev, select_slice)
-            clock["valid"] += time.perf_counter() - tick
-            state_for_best = _clone_state(model.state_dict())
+            valid_ppl = _evaluate(self.model, self.exp, self.corpus, "valid", self.dev, self.select_slice)
+            self.clock["valid"] += time.perf_counter() - tick
+            state_for_best = _clone_state(self.model.state_dict())
         if not math.isfinite(valid_ppl):
             raise TrainingDivergedError(
-                f"{exp.source}: training diverged at epoch {epoch + 1}: validation perplexity is {valid_ppl} "
-                f"(lr={lr:g}). "
-                f"Lower train.lr or set train.clip; the latest checkpoint is {ckpt_path}")
-        history.append({"epoch": epoch + 1, "train_loss": epoch_loss / max(1, epoch_count),
-                        "valid_ppl": valid_ppl, "lr": lr, "tokens_per_s": epoch_tokens / max(seconds, 1e-9)})
-        if info.is_main:
+                f"{self.exp.source}: training diverged at epoch {epoch + 1}: validation perplexity is {valid_ppl} "
+                f"(lr={self.lr:g}). Lower train.lr or set train.clip; the latest checkpoint is {self.ckpt_path}")
+        train_loss = stats.loss / max(1, stats.count)
+        self.history.append({"epoch": epoch + 1, "train_loss": train_loss, "valid_ppl": valid_ppl, "lr": self.lr,
+                             "tokens_per_s": stats.tokens / max(seconds, 1e-9)})
+        if self.info.is_main:
             log.info("epoch %d: train ppl %.2f  valid ppl %.2f  lr %.4g  %.0f tok/s", epoch + 1,
-                     math.exp(min(epoch_loss / max(1, epoch_count), 50)), valid_ppl, lr,
-                     epoch_tokens / max(seconds, 1e-9))
-        if valid_ppl < best_valid:
-            best_valid = valid_ppl
-            if info.is_main:
-                save_checkpoint(best_path, {"model": state_for_best, "config": model_config_dict(model),
-                                            "vocab": list(corpus.vocab.words), "valid_ppl": valid_ppl,
-                                            "valid_tokens": select_tokens, "epoch": epoch + 1})
-        barrier(info)  # every rank reloads best.pt at the end: it must be complete
-        save(Position(epoch + 1, 0, global_step), None)
-        if stop_after_steps is not None and steps_this_call >= stop_after_steps and epoch + 1 < cfg.epochs:
-            return {"stopped_early": True, "position": Position(epoch + 1, 0, global_step).__dict__}
-    best = load_checkpoint(best_path) if best_path.is_file() else {"model": _clone_state(model.state_dict())}
-    model.load_state_dict(best["model"])
-    hooks.finish(model)
-    tick = time.perf_counter()
-    # The validation that chose best.pt scored the whole split on exactly these weights: reuse it.
-    measured = best.get("valid_ppl")
-    reuse = (isinstance(measured, float) and math.isfinite(measured)
-             and best.get("valid_tokens", valid_total) == valid_total
-             and _same_weights(model.state_dict(), best["model"]))
-    valid_final = measured if reuse else _evaluate(model, exp, corpus, "valid", dev)
-    test_final = _evaluate(model, exp, corpus, "test", dev)
-    clock["valid"] += time.perf_counter() - tick
-    metrics = {
-        "model": exp.model_type, "params": _count_params(model), "epochs": cfg.epochs,
-        "epochs_run": steps_done / max(1, full_epoch_steps), "steps": steps_done,
-        "valid_ppl": valid_final, "test_ppl": test_final,
-        "selection_valid_tokens": best.get("valid_tokens", valid_total),
-        "selection_valid_ppl": measured if isinstance(measured, float) else valid_final,
-        "train_seconds": clock["train"], "valid_seconds": clock["valid"],
-        "train_tokens_per_s": (train_tokens / train_seconds) if train_seconds else
-        (history[-1]["tokens_per_s"] if history else 0.0),
-        "history": history, "world_size": info.world_size, "corpus": corpus_summary(corpus),
-        "evaluation": evaluation_settings(exp, corpus), **hooks.metrics(),
-    }
-    if info.is_main:
-        atomic_write_json(out_dir / "metrics.json", metrics)
-    return metrics
+                     math.exp(min(train_loss, 50)), valid_ppl, self.lr, stats.tokens / max(seconds, 1e-9))
+        if valid_ppl < self.best_valid:
+            self.best_valid = valid_ppl
+            if self.info.is_main:
+                save_checkpoint(self.best_path, {
+                    "model": state_for_best, "config": model_config_dict(self.model),
+                    "vocab": list(self.corpus.vocab.words), "valid_ppl": valid_ppl,
+                    "valid_tokens": self.select_tokens, "epoch": epoch + 1})
+        barrier(self.info)  # every rank reloads best.pt at the end: it must be complete
+        self.save(Position(epoch + 1, 0, global_step), None)
+        stop = self.options.stop_after_steps
+        if stop is not None and self.steps_this_call >= stop and epoch + 1 < self.cfg.epochs:
+            return self._stop_here(Position(epoch + 1, 0, global_step))
+        return None
+
+    def _finish(self) -> dict[str, Any]:
+        """Load ``best.pt``, measure valid and test on the whole splits, write ``metrics.json``."""
+        model, valid_total = self.model, self.valid_total
+        best = load_checkpoint(self.best_path) if self.best_path.is_file() else {
+            "model": _clone_state(model.state_dict())}
+        model.load_state_dict(best["model"])
+        self.hooks.finish(model)
+        tick = time.perf_counter()
+        # The validation that chose best.pt scored the whole split on exactly these weights: reuse it.
+        measured = best.get("valid_ppl")
+        reuse = (isinstance(measured, float) and math.isfinite(measured)
+                 and best.get("valid_tokens", valid_total) == valid_total
+                 and _same_weights(model.state_dict(), best["model"]))
+        valid_final = measured if reuse else _evaluate(model, self.exp, self.corpus, "valid", self.dev)
+        test_final = _evaluate(model, self.exp, self.corpus, "test", self.dev)
+        self.clock["valid"] += time.perf_counter() - tick
+        history = self.history
+        metrics = {
+            "model": self.exp.model_type, "params": _count_params(model), "epochs": self.cfg.epochs,
+            "epochs_run": self.steps_done / max(1, self.full_epoch_steps), "steps": self.steps_done,
+            "valid_ppl": valid_final, "test_ppl": test_final,
+            "selection_valid_tokens": best.get("valid_tokens", valid_total),
+            "selection_valid_ppl": measured if isinstance(measured, float) else valid_final,
+            "train_seconds": self.clock["train"], "valid_seconds": self.clock["valid"],
+            "train_tokens_per_s": (self.train_tokens / self.train_seconds) if self.train_seconds else
+            (history[-1]["tokens_per_s"] if history else 0.0),
+            "history": history, "world_size": self.info.world_size, "corpus": corpus_summary(self.corpus),
+            "evaluation": evaluation_settings(self.exp, self.corpus), **self.hooks.metrics(),
+        }
+        if self.info.is_main:
+            atomic_write_json(self.out_dir / "metrics.json", metrics)
+        return metrics

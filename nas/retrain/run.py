@@ -25,7 +25,8 @@ from nas.core.hashing import file_sha256
 from nas.retrain.admm import AdmmHooks
 from nas.retrain.distill import Distiller
 from nas.retrain.distributed import dist_info_from_env, resolve_device
-from nas.retrain.loop import TrainingHooks, _evaluate, train
+from nas.retrain.hooks import TrainingHooks
+from nas.retrain.loop import _evaluate, train
 from nas.retrain.prototype_store import PrototypeError, load_prototypes, prototype_weights, read_index
 from nas.retrain.ste import QuantizedClusters, SteHooks
 from search_spaces.models import build_model

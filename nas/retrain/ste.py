@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nas.retrain.loop import TrainingHooks
+from nas.retrain.hooks import TrainingHooks
 from search_spaces.apply import quantize_leftovers_
 from search_spaces.precision import PrecisionMap, cluster_parameter, cluster_weight, find_clusters, find_leftovers
 from search_spaces.quant import FULL_PRECISION, qmax, quantize, quantize_codes, solve_scale
