@@ -116,7 +116,7 @@ def _user_error_types() -> list[type[Exception]]:
     from nas.config.sections import ConfigError
     from nas.core.data import DataError
     from nas.core.errors import CheckpointError, MpnasError, UsageError
-    from nas.pipeline.runner import PipelineError
+    from nas.pipeline.state import PipelineError
     from nas.retrain.hooks import TrainingDivergedError
     from nas.retrain.prototype_store import PrototypeError
     from search_spaces.packed import PackedFileError

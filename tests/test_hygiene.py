@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 LIBRARY = ("nas", "evaluators", "search_spaces")
 # The command line's own package (its job is output), and the CLI entry functions of other modules.
 CLI_PACKAGE = "nas/cli/"
-CLI_FUNCTIONS = {("nas/pipeline/runner.py", "cmd_pipeline"), ("nas/nni/launcher.py", "cmd_nni"),
+CLI_FUNCTIONS = {("nas/nni/launcher.py", "cmd_nni"),
                  ("nas/nni/launcher.py", "_print_summary"), ("nas/nni/trial.py", "main")}
 
 
@@ -63,7 +63,7 @@ def test_user_errors_share_one_base_class() -> None:
     from evaluators.report import ReportError
     from nas.core.data import DataError
     from nas.core.errors import CheckpointError, MpnasError, UsageError
-    from nas.pipeline.runner import PipelineError
+    from nas.pipeline.state import PipelineError
     from nas.retrain.hooks import TrainingDivergedError
     from nas.retrain.prototype_store import PrototypeError
     from search_spaces.packed import PackedFileError

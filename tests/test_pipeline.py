@@ -20,8 +20,9 @@ import yaml
 import nas.pipeline.stages
 from nas.cli.main import main
 from nas.config.sections import ConfigError, load_config
-from nas.pipeline.runner import PipelineError, read_rows, run_pipeline, write_report_of
+from nas.pipeline.runner import run_pipeline, write_report_of
 from nas.pipeline.stages import ROW_KEYS
+from nas.pipeline.state import PipelineError, read_rows
 from nas.retrain.prototype_store import PrototypeError
 from search_spaces.packed import load_packed
 from search_spaces.precision import PrecisionMap

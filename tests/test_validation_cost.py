@@ -203,7 +203,7 @@ def test_stage_hashes_leave_out_the_default_valid_tokens() -> None:
     """Run folders from before the key keep their hashes: their FP and retrain stages are not redone."""
     import dataclasses
 
-    from nas.pipeline.runner import section_inputs
+    from nas.pipeline.state import section_inputs
 
     section = TrainSection()
     before = {k: v for k, v in dataclasses.asdict(section).items() if k != "valid_tokens"}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from nas.cli.common import is_packed, load_any_model, precision_beside, run_reporting_user_errors
 from nas.cli.nbest import add_nbest_arguments
+from nas.cli.pipeline import add_pipeline_parser, run_from_args
 from nas.cli.report import add_report_parser
 from nas.cli.search import add_search_parser, add_space_parser
 from nas.config.sections import load_config
@@ -19,7 +20,6 @@ from nas.core.data import CorpusOptions, DataError, load_corpus, resolve_data_di
 from nas.core.errors import UsageError
 from nas.core.threads import apply_threads
 from nas.nni.launcher import add_nni_parser
-from nas.pipeline.runner import add_pipeline_parser, run_from_args
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -25,20 +25,16 @@ the same results as an uninterrupted one. Runs are seeded from the config; ``sea
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import shlex
 import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import yaml
@@ -46,7 +42,6 @@ import yaml
 from nas.config.sections import ConfigError, ExperimentConfig, load_config, resolve_config_path
 from nas.core.checkpoint import atomic_write_json, atomic_write_text
 from nas.core.data import Corpus, load_corpus, resolve_data_dir
-from nas.core.errors import MpnasError
 from nas.pipeline.preflight import check_pipeline
 from nas.pipeline.stages import (
     Point,
@@ -64,63 +59,13 @@ from nas.pipeline.stages import (
     search_point,
     train_fp,
 )
+from nas.pipeline.state import PipelineError, RunState, read_rows, section_inputs
 from nas.search.strategies import settings_used
 from search_spaces.packed import load_packed
 from search_spaces.precision import PrecisionMap
 from search_spaces.size import model_size
 
 logger = logging.getLogger(__name__)  # ``log`` is the stage-line callback of Pipeline
-
-
-def section_inputs(section: Any) -> dict[str, Any]:
-    """A train/retrain section as hashed into a stage's inputs.
-
-    Keys added after runs already existed are left out at their neutral default (``valid_tokens:
-    None``, the whole valid split; ``learn_scales: false`` and its ``scale_lr``; ``init: fp``), so that such runs
-    keep their hashes and are not redone.
-    """
-    values = dataclasses.asdict(section)
-    if values.get("valid_tokens", 0) is None:
-        del values["valid_tokens"]
-    if values.get("learn_scales") is False:
-        del values["learn_scales"]
-        values.pop("scale_lr", None)
-    if values.get("ste_clip") is False:
-        del values["ste_clip"]
-    if values.get("init") == "fp":
-        del values["init"]
-    return values
-
-
-class PipelineError(MpnasError):
-    """A pipeline cannot go on (e.g. the report module is missing); the message says what to do."""
-
-
-class RunState:
-    """``state.json``: per stage, the inputs hash, whether it finished and how long it took."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.stages: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.is_file() else {}
-
-    def get(self, stage: str) -> dict[str, Any] | None:
-        """The entry of ``stage`` (None if it never started)."""
-        return self.stages.get(stage)
-
-    def seconds(self, stage: str) -> float | None:
-        """Seconds the call that completed ``stage`` took (None if unknown)."""
-        entry = self.stages.get(stage)
-        return None if entry is None else entry.get("seconds")
-
-    def set(self, stage: str, inputs_hash: str, done: bool, seconds: float | None) -> None:
-        """Record ``stage`` and rewrite state.json atomically."""
-        self.stages[stage] = {"inputs_hash": inputs_hash, "done": done, "seconds": seconds}
-        atomic_write_json(self.path, self.stages)
-
-    def drop(self, stage: str) -> None:
-        """Forget ``stage``."""
-        if self.stages.pop(stage, None) is not None:
-            atomic_write_json(self.path, self.stages)
 
 
 class Pipeline:
@@ -391,12 +336,6 @@ def write_report_of(run_dir: Path, out_dir: Path) -> None:
     write_report([run_dir], out_dir)
 
 
-def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """The result rows of a run folder (``eval/*.json``), FP first, then by label."""
-    rows = sorted((Path(run_dir) / "eval").glob("*.json"), key=lambda p: (p.stem != "fp", p.stem))
-    return [json.loads(p.read_text()) for p in rows]
-
-
 def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data: str | Path | None = None,
                  checkpoint: str | Path | None = None, device: str = "cpu", strategies: list[str] | None = None,
                  budgets: list[float] | None = None, include_uniform: bool | None = None,
@@ -454,55 +393,3 @@ def run_pipeline(config: str | Path | ExperimentConfig, out: str | Path, *, data
     return read_rows(run_dir)
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM as an exception, so that temporary files are cleaned up on the way out."""
-    raise SystemExit(128 + signum)
-
-
-def command_line(args: argparse.Namespace) -> str:
-    """The ``mpnas`` command line that parsed into ``args`` (for ``command.txt``)."""
-    parts = ["mpnas", args.command] + ([args.config] if args.command != "quickstart" else [])
-    for option in ("out", "data", "checkpoint", "checkpoint_every", "device", "threads"):
-        value = getattr(args, option, None)
-        if value is not None and not (option == "device" and value == "cpu") and not (
-                option == "checkpoint_every" and value == 200):
-            parts += [f"--{option.replace('_', '-')}", str(value)]
-    if getattr(args, "no_report", False):
-        parts.append("--no-report")
-    return shlex.join(parts)
-
-
-def run_from_args(config: str, args: argparse.Namespace, default_out: Path) -> Path:
-    """Run the pipeline for parsed CLI arguments (SIGTERM exits cleanly); returns the run folder."""
-    out = Path(args.out or default_out)
-    args.out = str(out)
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
-    try:
-        run_pipeline(config, out, data=args.data, checkpoint=getattr(args, "checkpoint", None), device=args.device,
-                     report=not getattr(args, "no_report", False), command=command_line(args),
-                     checkpoint_every=getattr(args, "checkpoint_every", 200))
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-    return out
-
-
-def cmd_pipeline(args: argparse.Namespace) -> int:
-    """``mpnas pipeline CONFIG``: the whole pipeline into a run folder."""
-    out = run_from_args(args.config, args, Path("runs") / f"{Path(args.config).stem}_pipeline")
-    if not args.no_report:
-        print(f"report: {out / 'report' / 'report.html'}")
-    return 0
-
-
-def add_pipeline_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``mpnas pipeline`` (the caller adds --data, --device, --threads)."""
-    p = sub.add_parser("pipeline", help="FP training -> search -> retrain -> evaluate -> report, resumable")
-    p.add_argument("config", help="experiment YAML (its `pipeline` section lists strategies and budgets)")
-    p.add_argument("--out", help="run folder (default runs/<config name>_pipeline); rerun to resume")
-    p.add_argument("--checkpoint", help="an FP best.pt to start from instead of training")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="(re)training checkpoints every N steps")
-    p.add_argument("--no-report", action="store_true", help="stop after evaluation (eval/*.json)")
-    p.set_defaults(func=cmd_pipeline)
-    return p
