@@ -55,7 +55,8 @@ from nas.config.options import (
 from nas.config.sections import DataSection, RetrainSection
 from nas.core.errors import UsageError
 from nas.retrain.fit import Batch, retrain_model
-from nas.search.strategies import SearchData, get_strategy
+from nas.search.base import SearchData
+from nas.search.strategies import get_strategy
 from search_spaces.apply import quantize_
 from search_spaces.models.protocol import as_lm
 from search_spaces.packed import export_packed, load_packed

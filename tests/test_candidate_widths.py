@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from nas.config.sections import SearchSection
-from nas.search.strategies import SearchData, get_strategy
+from nas.search.base import SearchData
+from nas.search.strategies import get_strategy
 from search_spaces.apply import quantize_
 from search_spaces.models import build_model
 from search_spaces.packed import export_packed, load_packed, read_packed

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from nas.config.sections import SearchSection
-from nas.search.strategies import SearchData, get_strategy
+from nas.search.base import SearchData
+from nas.search.strategies import get_strategy
 from search_spaces.apply import quantize_
 from search_spaces.models import LSTMLM, from_torch_lstm
 from search_spaces.precision import PrecisionMap, find_clusters

@@ -10,7 +10,8 @@ import torch
 from nas.config.sections import SearchSection, parse_config
 from nas.core.data import load_corpus
 from nas.retrain.loop import train
-from nas.search.strategies import STRATEGIES, SearchData, get_strategy
+from nas.search.base import SearchData
+from nas.search.strategies import STRATEGIES, get_strategy
 from search_spaces.models import build_model
 from search_spaces.precision import PrecisionMap, find_clusters
 from search_spaces.space import SearchSpace

@@ -64,7 +64,8 @@ def cmd_space(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     """Search a precision map with one strategy at one budget; writes the map file."""
-    from nas.search.strategies import SearchData, get_strategy
+    from nas.search.base import SearchData
+    from nas.search.strategies import get_strategy
 
     exp = load_config(args.config)
     corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())

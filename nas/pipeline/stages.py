@@ -35,7 +35,8 @@ from nas.core.hashing import canonical_hash, file_sha256
 from nas.retrain.loop import evaluation_settings, train
 from nas.retrain.prototype_store import load_prototypes, prototype_weights
 from nas.retrain.run import load_fp_checkpoint, retrain
-from nas.search.strategies import SearchData, get_strategy
+from nas.search.base import SearchData
+from nas.search.strategies import get_strategy
 from search_spaces.models import build_model
 from search_spaces.packed import export_packed, load_packed
 from search_spaces.precision import PrecisionMap

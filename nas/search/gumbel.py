@@ -47,7 +47,6 @@ repair step, exact in both directions:
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -61,6 +60,7 @@ from tqdm import tqdm
 from nas.config.defaults import GumbelSettings
 from nas.core.batches import stream_batches, window_batches
 from nas.core.errors import MpnasError
+from nas.search.gumbel_export import budgeted_argmax
 from search_spaces.precision import Cluster, PrecisionMap, cluster_parameter, cluster_weight, find_clusters
 from search_spaces.quant import FULL_PRECISION, fake_quantize, solve_scale, table_values
 
@@ -262,78 +262,6 @@ class GumbelSupernet(nn.Module):
         return budgeted_argmax(self.probabilities(), sizes, max_weight_bits, fill=fill)
 
 
-def _log_probs(probs: Mapping[str, Mapping[int, float]]) -> dict[str, dict[int, float]]:
-    return {name: {b: math.log(max(pb, 1e-12)) for b, pb in p.items()} for name, p in probs.items()}
-
-
-def _weight_bits(bits: Mapping[str, int], sizes: Mapping[str, int]) -> int:
-    return sum(bits[name] * sizes[name] for name in bits)
-
-
-def rewarded_allocation(logp: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int],
-                        max_weight_bits: float, mu: float) -> dict[str, int]:
-    """The map within the budget maximizing ``sum_c log p_c(b_c) + mu * numel_c * b_c`` (exact knapsack).
-
-    Its size never shrinks as ``mu`` grows: ``mu = 0`` is the most probable map within the
-    budget, a large ``mu`` the fullest one.
-    """
-    from nas.search.allocate import allocate  # the repair paths only
-
-    scores = {n: {b: -(v + mu * sizes[n] * b) for b, v in lp.items()} for n, lp in logp.items()}
-    return allocate(scores, sizes, max_weight_bits)
-
-
-def fill_reward(logp: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int], max_weight_bits: float,
-                target_bits: float) -> float:
-    """Smallest bits reward ``mu`` whose ``rewarded_allocation`` uses at least ``target_bits`` (bisection).
-
-    ``target_bits`` must be reachable within the budget (at most the fullest map's size).
-    """
-    low, high = 0.0, _fullest_reward(logp)
-    for _ in range(64):
-        mid = 0.5 * (low + high)
-        if _weight_bits(rewarded_allocation(logp, sizes, max_weight_bits, mid), sizes) >= target_bits:
-            high = mid
-        else:
-            low = mid
-    return high
-
-
-def budgeted_argmax(probs: Mapping[str, Mapping[int, float]], sizes: Mapping[str, int],
-                    max_weight_bits: float | None, *, fill: bool = True, fill_to: float = 0.99
-                    ) -> tuple[dict[str, int], str]:
-    """The exported map: argmax of ``probs`` per cluster, repaired to spend the budget.
-
-    Returns ``(bits, repair)``, ``repair`` one of ``"none"`` (the argmax uses between
-    ``fill_to`` and 100% of the budget, or no budget is given), ``"shrink"`` (the argmax was over
-    the budget; the most probable map within it is taken, and it uses at least ``fill_to``) or
-    ``"fill"`` (a bits reward was needed to reach ``fill_to`` of the budget, or the fullest
-    reachable map when clusters are too coarse for that). Never exceeds ``max_weight_bits``.
-    See the module docstring for the method.
-    """
-    logp = _log_probs(probs)
-    chosen = {name: max(p, key=lambda b: (p[b], -b)) for name, p in probs.items()}
-    if max_weight_bits is None:
-        return chosen, "none"
-    over = _weight_bits(chosen, sizes) > max_weight_bits
-    if over:
-        chosen = rewarded_allocation(logp, sizes, max_weight_bits, 0.0)
-    if not fill or _weight_bits(chosen, sizes) >= fill_to * max_weight_bits:
-        return chosen, "shrink" if over else "none"
-    fullest = _weight_bits(rewarded_allocation(logp, sizes, max_weight_bits, _fullest_reward(logp)), sizes)
-    target = min(fill_to * max_weight_bits, fullest)
-    if target <= _weight_bits(chosen, sizes):
-        return chosen, "shrink" if over else "none"
-    mu = fill_reward(logp, sizes, max_weight_bits, target)
-    return rewarded_allocation(logp, sizes, max_weight_bits, mu), "fill"
-
-
-def _fullest_reward(logp: Mapping[str, Mapping[int, float]]) -> float:
-    """A bits reward at which the fullest map within any budget wins: one weight bit more
-    (sizes are integers) outweighs the largest log-probability difference between two maps."""
-    return 2.0 * sum(max(lp.values()) - min(lp.values()) for lp in logp.values()) + 1.0
-
-
 def _integrate(lam: float, excess: float, rate: float) -> float:
     """One dual-ascent step of the multiplier with anti-windup (reset on crossing the budget).
 
@@ -374,62 +302,79 @@ def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], t
     net = GumbelSupernet(model, candidates, granularity, prototypes).to(device)
     generator = torch.Generator().manual_seed(settings.seed)
     split = int(train_tokens.numel() * (1 - settings.arch_fraction))
-    weight_data = _lm_batches(model, train_tokens[:split], batch_size, length, generator)
-    arch_data = _lm_batches(model, train_tokens[split:], batch_size, length, generator)
+    data = {"w": _lm_batches(model, train_tokens[:split], batch_size, length, generator),
+            "a": _lm_batches(model, train_tokens[split:], batch_size, length, generator)}
     steps_per_epoch = max(1, split // (batch_size * length))
     total_steps = max(1, int(settings.epochs * steps_per_epoch))
-    w_opt = torch.optim.SGD(model.parameters(), lr=settings.weight_lr)
-    a_opt = torch.optim.Adam(net.arch_parameters(), lr=settings.arch_lr)
-    recurrent = hasattr(model, "init_state")
-    states: dict[str, Any] = {"w": None, "a": None}
-    lam, history, tokens_seen = 0.0, [], 0
-    cap = max_weight_bits
+    run = _SupernetTraining(net, model, settings, max_weight_bits, device, generator)
+    cap, history = max_weight_bits, []
     bar = tqdm(range(total_steps), disable=not progress, desc="gumbel search", dynamic_ncols=True)
     for step in bar:
         tau = settings.tau_start * (settings.tau_end / settings.tau_start) ** (step / max(1, total_steps - 1))
         if step % settings.rescale_every == 0 and prototypes is None:
             net.refresh_scales()
-        phases = ("w", "a") if settings.bilevel else ("joint",)
-        for phase in phases:
-            source = arch_data if phase == "a" else weight_data
-            inputs, targets = (t.to(device) for t in next(source))
-            state_key = "a" if phase == "a" else "w"
-            out = net(inputs, states[state_key], targets, tau=tau, generator=generator)
-            loss = out.loss * inputs.size(1)  # summed over time, as in the FP recipe
-            size_excess = None
-            if phase != "w" and cap is not None:
-                size_excess = net.expected_weight_bits(tau) / cap - 1.0
-                multiplier = lam + settings.lambda_kp * float(size_excess.detach())
-                loss = loss + multiplier * size_excess * inputs.size(1)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"gumbel search diverged at step {step}: loss={float(loss)} (tau={tau:.3g}, "
-                                         f"lambda={lam:.3g}); lower search.weight_lr or search.arch_lr")
-            w_opt.zero_grad(set_to_none=True)
-            a_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if phase != "a":
-                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip)
-                w_opt.step()
-            if phase != "w":
-                a_opt.step()
-                if size_excess is not None:
-                    lam = _integrate(lam, float(size_excess.detach()), settings.lambda_lr)
-            if recurrent:
-                states[state_key] = model.detach_state(out.state)
-            tokens_seen += inputs.numel()
+        for phase in ("w", "a") if settings.bilevel else ("joint",):
+            out = run.phase(phase, next(data["a" if phase == "a" else "w"]), tau, step)
         if step % max(1, steps_per_epoch // 10) == 0 or step == total_steps - 1:
             expected = float(net.expected_weight_bits(tau).detach())
-            history.append({"step": step, "tau": tau, "lambda": lam, "expected_weight_bits": expected,
+            history.append({"step": step, "tau": tau, "lambda": run.lam, "expected_weight_bits": expected,
                             "probabilities": net.probabilities()})
-            bar.set_postfix(tau=f"{tau:.2f}", lam=f"{lam:.3g}",
+            bar.set_postfix(tau=f"{tau:.2f}", lam=f"{run.lam:.3g}",
                             budget=f"{expected / cap:.3f}" if cap else "n/a", loss=f"{float(out.loss.detach()):.3f}")
     bits, repair = net.export(cap, fill=settings.fill_budget)
-    seconds = time.perf_counter() - start_time
     meta = {"strategy": "gumbel", "seed": settings.seed, "max_weight_bits": cap, "repair": repair,
             "supernet": "shared" if prototypes is None else "prototype",
-            "probabilities": {n: {str(b): p for b, p in d.items()} for n, d in net.probabilities().items()},
-            "history": [{**h, "probabilities": {n: {str(b): p for b, p in d.items()}
-                                                 for n, d in h["probabilities"].items()}} for h in history],
-            "wall_s": seconds, "search_fp_epochs": tokens_seen / max(1, train_tokens.numel()),
-            "settings": settings.__dict__}
+            "probabilities": _string_keys(net.probabilities()),
+            "history": [{**h, "probabilities": _string_keys(h["probabilities"])} for h in history],
+            "wall_s": time.perf_counter() - start_time,
+            "search_fp_epochs": run.tokens_seen / max(1, train_tokens.numel()), "settings": settings.__dict__}
     return PrecisionMap({**bits}, granularity=granularity, meta=meta)
+
+
+def _string_keys(probs: Mapping[str, Mapping[int, float]]) -> dict[str, dict[str, float]]:
+    """Probabilities with the widths as strings (JSON/YAML keys)."""
+    return {n: {str(b): p for b, p in d.items()} for n, d in probs.items()}
+
+
+class _SupernetTraining:
+    """The optimizers, carried LSTM states and size multiplier of one supernet search."""
+
+    def __init__(self, net: GumbelSupernet, model: nn.Module, settings: GumbelSettings, cap: float | None,
+                 device: torch.device, generator: torch.Generator) -> None:
+        self.net, self.model, self.settings, self.cap = net, model, settings, cap
+        self.device, self.generator = device, generator
+        self.w_opt = torch.optim.SGD(model.parameters(), lr=settings.weight_lr)
+        self.a_opt = torch.optim.Adam(net.arch_parameters(), lr=settings.arch_lr)
+        self.recurrent = hasattr(model, "init_state")
+        self.states: dict[str, Any] = {"w": None, "a": None}
+        self.lam, self.tokens_seen = 0.0, 0
+
+    def phase(self, phase: str, batch: tuple[torch.Tensor, torch.Tensor], tau: float, step: int) -> Any:
+        """One step: ``w`` trains the weights, ``a`` the logits (with the size penalty), ``joint`` both."""
+        settings, cap = self.settings, self.cap
+        inputs, targets = (t.to(self.device) for t in batch)
+        state_key = "a" if phase == "a" else "w"
+        out = self.net(inputs, self.states[state_key], targets, tau=tau, generator=self.generator)
+        loss = out.loss * inputs.size(1)  # summed over time, as in the FP recipe
+        size_excess = None
+        if phase != "w" and cap is not None:
+            size_excess = self.net.expected_weight_bits(tau) / cap - 1.0
+            multiplier = self.lam + settings.lambda_kp * float(size_excess.detach())
+            loss = loss + multiplier * size_excess * inputs.size(1)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"gumbel search diverged at step {step}: loss={float(loss)} (tau={tau:.3g}, "
+                                     f"lambda={self.lam:.3g}); lower search.weight_lr or search.arch_lr")
+        self.w_opt.zero_grad(set_to_none=True)
+        self.a_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if phase != "a":
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), settings.clip)
+            self.w_opt.step()
+        if phase != "w":
+            self.a_opt.step()
+            if size_excess is not None:
+                self.lam = _integrate(self.lam, float(size_excess.detach()), settings.lambda_lr)
+        if self.recurrent:
+            self.states[state_key] = self.model.detach_state(out.state)
+        self.tokens_seen += inputs.numel()
+        return out
