@@ -69,7 +69,7 @@ def gumbel_epoch(kind: str, device: torch.device) -> tuple[float, float, float]:
     average bits are within the budget.
     """
     from nas.search.gumbel import GumbelSettings, gumbel_search
-    from search_spaces.precision import find_clusters
+    from search_spaces.clusters import find_clusters
 
     torch.manual_seed(0)
     kwargs = ({"vocab_size": 500, "embed_dim": 64, "hidden_dim": 64} if kind == "lstm" else
@@ -94,8 +94,8 @@ def gumbel_epoch(kind: str, device: torch.device) -> tuple[float, float, float]:
 
 def hessian_traces(device: torch.device) -> tuple[int, float, float]:
     """Hutchinson traces of every cluster of a small LSTM LM; returns (clusters, max |trace|, seconds)."""
-    from nas.search.sensitivity import hutchinson_traces
-    from search_spaces.precision import find_clusters
+    from nas.search.hessian import hutchinson_traces
+    from search_spaces.clusters import find_clusters
 
     torch.manual_seed(0)
     model = build_model("lstm", vocab_size=300, embed_dim=32, hidden_dim=32).to(device)

@@ -58,11 +58,13 @@ from evaluators.perplexity import perplexity
 from nas.config.sections import ExperimentConfig, RetrainSection, load_config
 from nas.core.data import Corpus, load_corpus, resolve_data_dir
 from nas.retrain.distributed import DistInfo
-from nas.retrain.loop import TrainingDivergedError, epoch_batches, learning_rate, make_optimizer
+from nas.retrain.hooks import TrainingDivergedError
+from nas.retrain.loop import epoch_batches, learning_rate, make_optimizer
 from nas.retrain.run import load_fp_checkpoint
+from search_spaces.clusters import find_clusters
 from search_spaces.models import build_model, model_config_dict
 from search_spaces.models.lstm_lm import LSTMLayer
-from search_spaces.precision import PrecisionMap, find_clusters
+from search_spaces.precision import PrecisionMap
 from search_spaces.size import model_size
 
 METHODS = ("qat", "lsq")

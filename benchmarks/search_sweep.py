@@ -47,9 +47,11 @@ from nas.config.sections import load_config
 from nas.core.atomic import atomic_write_csv
 from nas.core.console import configure_logging
 from nas.core.data import load_corpus, resolve_data_dir
-from nas.pipeline.runner import read_rows, run_pipeline
+from nas.pipeline.runner import run_pipeline
+from nas.pipeline.state import read_rows
 from nas.retrain.distributed import DistInfo
-from nas.retrain.loop import TrainingHooks, epoch_batches
+from nas.retrain.hooks import TrainingHooks
+from nas.retrain.loop import epoch_batches
 from nas.retrain.run import load_fp_checkpoint
 from search_spaces.models import build_model
 

@@ -30,7 +30,8 @@ from nas.core.atomic import atomic_write_csv
 from nas.core.console import configure_logging
 from nas.core.data import load_corpus, resolve_data_dir
 from nas.pipeline.stages import Point, load_model, search_point
-from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
+from search_spaces.clusters import cluster_weight, find_clusters
+from search_spaces.precision import PrecisionMap
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {"lstm": "ptb_lstm", "transformer": "ptb_transformer"}

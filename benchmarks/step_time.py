@@ -25,11 +25,13 @@ from nas.config.sections import load_config
 from nas.core.checkpoint import atomic_write_text
 from nas.core.data import load_corpus, resolve_data_dir
 from nas.retrain.distributed import DistInfo
-from nas.retrain.loop import TrainingHooks, epoch_batches
+from nas.retrain.hooks import TrainingHooks
+from nas.retrain.loop import epoch_batches
 from nas.retrain.run import load_fp_checkpoint, make_hooks
 from nas.search.gumbel import GumbelSupernet
+from search_spaces.clusters import find_clusters
 from search_spaces.models import build_model
-from search_spaces.precision import PrecisionMap, find_clusters
+from search_spaces.precision import PrecisionMap
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {"lstm": "ptb_lstm", "transformer": "ptb_transformer"}

@@ -40,7 +40,8 @@ from nas.core.checkpoint import atomic_write_text
 from nas.core.console import configure_logging
 from nas.core.data import load_corpus, resolve_data_dir
 from nas.retrain.distributed import DistInfo
-from nas.retrain.loop import TrainingHooks, epoch_batches
+from nas.retrain.hooks import TrainingHooks
+from nas.retrain.loop import epoch_batches
 from nas.retrain.run import load_fp_checkpoint, make_hooks, retrain
 from search_spaces.models import build_model
 from search_spaces.packed import export_packed

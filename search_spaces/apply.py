@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from search_spaces.precision import PrecisionMap, cluster_parameter, cluster_weight, find_clusters, find_leftovers
+from search_spaces.clusters import cluster_parameter, cluster_weight, find_clusters, find_leftovers
+from search_spaces.precision import PrecisionMap
 from search_spaces.quant import (
     FULL_PRECISION,
     AffineResult,

@@ -50,9 +50,10 @@ from torch import nn
 from nas.core.atomic import atomic_write_bytes
 from nas.core.errors import MpnasError
 from search_spaces.apply import quantize_all_
+from search_spaces.clusters import Cluster, find_clusters
 from search_spaces.models import build_model, model_config_dict
 from search_spaces.models.protocol import unwrap
-from search_spaces.precision import Cluster, PrecisionMap, find_clusters
+from search_spaces.precision import PrecisionMap
 from search_spaces.quant import FULL_PRECISION, AffineResult, dequantize, dequantize_affine, qmax
 
 MAGIC = b"MPNASPK1"

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from search_spaces.precision import PrecisionMap, cluster_parameter, find_clusters, find_leftovers
+from search_spaces.clusters import cluster_parameter, find_clusters, find_leftovers
+from search_spaces.precision import PrecisionMap
 from search_spaces.quant import FULL_PRECISION
 
 FP32_BYTES = 4  # bytes per full-precision element, and per scale

@@ -47,20 +47,29 @@ that may pick 32 is charged its scales anyway: the bound is then conservative by
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
-from nas.core.errors import MpnasError
-from search_spaces.precision import LEFTOVER_BITS, PrecisionMap, find_clusters
+from search_spaces.clusters import find_clusters
+from search_spaces.precision import PrecisionMap
 from search_spaces.quant import FULL_PRECISION, GRANULARITIES, SUPPORTED_BITS
+from search_spaces.space_parsing import (
+    SpaceError,
+    as_list,
+    as_mapping,
+    bits_list,
+    check_leftover_bits,
+    is_int,
+    is_pattern,
+    matching_clusters,
+    space_error,
+)
 
 # 3 is a default candidate: without it a budget of 3 average bits gets a map built from 2 and 4
 # bits (or uniform 2 bits), far worse than uniform 3 bits (issue 13, item 6).
@@ -83,69 +92,6 @@ def _model_size(model: nn.Module, precision_map: PrecisionMap) -> dict[str, floa
     return model_size(model, precision_map)
 
 
-class SpaceError(MpnasError):
-    """A ``space`` / ``budget`` section is malformed; the message names the file and key."""
-
-
-def _err(source: str, key: str, message: str) -> SpaceError:
-    return SpaceError(f"{source}: {key}: {message}")
-
-
-def _is_pattern(text: str) -> bool:
-    return any(c in text for c in "*?[")
-
-
-def _hits(text: Any, names: list[str], source: str, key: str) -> list[str]:
-    """Clusters that the name or glob pattern ``text`` selects; SpaceError if none (almost always a typo)."""
-    if not isinstance(text, str) or not text:
-        raise _err(source, key, f"expected a cluster name or glob pattern, got {text!r}")
-    hits = [n for n in names if fnmatchcase(n, text)] if _is_pattern(text) else [n for n in names if n == text]
-    if not hits:
-        close = difflib.get_close_matches(text, names, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"clusters are {', '.join(names[:8])}" + (
-            ", ..." if len(names) > 8 else "")
-        raise _err(source, key, f"{text!r} matches no cluster; {hint}")
-    return hits
-
-
-def _list(value: Any, source: str, key: str, what: str) -> list[Any]:
-    if not isinstance(value, list | tuple):
-        raise _err(source, key, f"expected a list of {what}, got {value!r}")
-    return list(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _bits_list(value: Any, source: str, key: str) -> tuple[int, ...]:
-    """A non-empty list of supported bit widths -> sorted unique tuple."""
-    if not isinstance(value, list | tuple) or not value:
-        raise _err(source, key, f"expected a non-empty list of bit widths, got {value!r}")
-    for i, b in enumerate(value):
-        if not _is_int(b) or b not in SUPPORTED_BITS:
-            raise _err(source, f"{key}[{i}]", f"{b!r} is not a bit width the quantizer supports; "
-                       f"allowed: {list(SUPPORTED_BITS)}")
-    return tuple(sorted({int(b) for b in value}))
-
-
-def _check_leftover_bits(value: Any, source: str) -> int:
-    """``space.leftover_bits`` as an int, or SpaceError naming the file, the key and the value."""
-    if not _is_int(value) or value not in LEFTOVER_BITS:
-        raise _err(source, "space.leftover_bits", f"{value!r} is not supported; allowed: {list(LEFTOVER_BITS)} "
-                   "(8 or 16 quantize biases and norms per tensor, 32 keeps them float32)")
-    return int(value)
-
-
-def _mapping(value: Any, source: str, key: str, allowed: tuple[str, ...]) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise _err(source, key, f"expected a mapping, got {type(value).__name__}")
-    for k in value:
-        if k not in allowed:
-            raise _err(source, f"{key}.{k}", f"unknown key (expected one of {', '.join(allowed)})")
-    return value
-
-
 @dataclass(frozen=True)
 class Budget:
     """A size budget: ``kind`` is one of :data:`BUDGET_KINDS`, ``value`` its positive amount."""
@@ -166,10 +112,10 @@ class Budget:
         """Parse ``{avg_bits: 2.0}`` (exactly one kind); None stays None."""
         if raw is None:
             return None
-        raw = _mapping(raw, source, "budget", BUDGET_KINDS)
+        raw = as_mapping(raw, source, "budget", BUDGET_KINDS)
         if len(raw) != 1:
             got = ", ".join(raw) or "none"
-            raise _err(source, "budget", f"give exactly one of {', '.join(BUDGET_KINDS)}; got {got}")
+            raise space_error(source, "budget", f"give exactly one of {', '.join(BUDGET_KINDS)}; got {got}")
         try:
             return cls(*next(iter(raw.items())))
         except SpaceError as exc:
@@ -218,13 +164,13 @@ class SearchSpace:
     leftover_bytes: float | None = None  # None: 4 bytes per leftover element
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "leftover_bits", _check_leftover_bits(self.leftover_bits, self.source))
+        object.__setattr__(self, "leftover_bits", check_leftover_bits(self.leftover_bits, self.source))
         bad = [n for n, c in self.candidates.items() if not c or list(c) != sorted(set(c) & set(SUPPORTED_BITS))]
         if bad or set(self.candidates) != set(self.sizes):
-            raise _err(self.source, "space", f"clusters {bad} need ascending unique candidates from "
+            raise space_error(self.source, "space", f"clusters {bad} need ascending unique candidates from "
                        f"{list(SUPPORTED_BITS)}, and sizes must name the same clusters as candidates")
         if self.granularity not in GRANULARITIES or (self.scales is None and self.granularity != "matrix"):
-            raise _err(self.source, "space.granularity", f"{self.granularity!r}: expected one of "
+            raise space_error(self.source, "space.granularity", f"{self.granularity!r}: expected one of "
                        f"{list(GRANULARITIES)}; 'row' needs the rows of every cluster (scales)")
         scales = self.scales if self.scales is not None else dict.fromkeys(self.sizes, 1)
         total = sum(self.sizes.values()) + self.leftover_params
@@ -244,7 +190,7 @@ class SearchSpace:
             return
         nbytes, avg = self.theoretical_bytes(smallest), self.weight_bits(smallest) + FULL_PRECISION * self.pinned_params
         unit = {"avg_bits": " bits", "size_mb": " MB", "compression": "x"}[budget.kind]
-        raise _err(self.source, f"budget.{budget.kind}", f"{budget.value:g}{unit} is infeasible: the smallest "
+        raise space_error(self.source, f"budget.{budget.kind}", f"{budget.value:g}{unit} is infeasible: the smallest "
                    f"reachable map (every cluster at its fewest bits) has {nbytes / BYTES_PER_MB:.6g} MB, average "
                    f"{avg / self.total_params:.4g} bits, compression {self.fp32_bytes / nbytes:.4g}x")
 
@@ -255,57 +201,22 @@ class SearchSpace:
         clusters = find_clusters(model)
         names = list(clusters)
         if not names:
-            raise _err(source, "space", f"the model ({type(model).__name__}) has no quantizable clusters")
-        raw = _mapping({} if space is None else space, source, "space", _SPACE_KEYS)
-        default = _bits_list(raw.get("bits", list(DEFAULT_BITS)), source, "space.bits")
+            raise space_error(source, "space", f"the model ({type(model).__name__}) has no quantizable clusters")
+        raw = as_mapping({} if space is None else space, source, "space", _SPACE_KEYS)
+        default = bits_list(raw.get("bits", list(DEFAULT_BITS)), source, "space.bits")
         granularity = raw.get("granularity", "matrix")
         if granularity not in GRANULARITIES:
-            raise _err(source, "space.granularity", f"{granularity!r} is not one of {list(GRANULARITIES)}")
+            raise space_error(source, "space.granularity", f"{granularity!r} is not one of {list(GRANULARITIES)}")
         min_bits = raw.get("min_bits", 1)
-        if not _is_int(min_bits) or not 1 <= min_bits <= FULL_PRECISION:
-            raise _err(source, "space.min_bits", f"expected an int from 1 to {FULL_PRECISION}, got {min_bits!r}")
+        if not is_int(min_bits) or not 1 <= min_bits <= FULL_PRECISION:
+            raise space_error(source, "space.min_bits", f"expected an int from 1 to {FULL_PRECISION}, got {min_bits!r}")
 
-        leftover_bits = _check_leftover_bits(raw.get("leftover_bits", FULL_PRECISION), source)
-
-        keep_fp = _list(raw.get("keep_fp", []), source, "space.keep_fp", "names or patterns")
-        pinned = {n for i, text in enumerate(keep_fp) for n in _hits(text, names, source, f"space.keep_fp[{i}]")}
-        exact: dict[str, int] = {}  # cluster name -> index of its exact-name override
-        rules: list[tuple[str, tuple[int, ...], list[str]]] = []  # (match, bits, clusters matched) per override
-        for i, entry in enumerate(_list(raw.get("overrides", []), source, "space.overrides", "{match, bits}")):
-            key = f"space.overrides[{i}]"
-            entry = _mapping(entry, source, key, _OVERRIDE_KEYS)
-            if any(k not in entry for k in _OVERRIDE_KEYS):
-                raise _err(source, key, f"needs both keys {' and '.join(_OVERRIDE_KEYS)}, got {dict(entry)!r}")
-            hits = _hits(entry["match"], names, source, f"{key}.match")
-            text, bits = entry["match"], _bits_list(entry["bits"], source, f"{key}.bits")
-            if not _is_pattern(text):
-                if text in exact or text in pinned:
-                    by = f"space.overrides[{exact[text]}]" if text in exact else "space.keep_fp (32 bits)"
-                    raise _err(source, f"{key}.match", f"{text!r} is already set by {by}")
-                exact[text] = i
-            rules.append((text, bits, hits))
-        patterns = [i for i, (text, _, _) in enumerate(rules) if _is_pattern(text)]
-
-        candidates: dict[str, tuple[int, ...]] = {}
-        used: set[int] = set()
-        for name in names:
-            if name in pinned:
-                candidates[name] = (FULL_PRECISION,)
-                continue
-            rule = exact.get(name, next((i for i in patterns if name in rules[i][2]), None))
-            key, bits = ("space.bits", default) if rule is None else (f"space.overrides[{rule}].bits", rules[rule][1])
-            if rule is not None:
-                used.add(rule)
-            kept = tuple(b for b in bits if b >= min_bits)
-            if not kept:
-                raise _err(source, "space.min_bits", f"{min_bits} leaves no candidate for cluster {name!r} "
-                           f"({key} = {list(bits)})")
-            candidates[name] = kept
-        for i, (text, _, _) in enumerate(rules):
-            if i not in used:
-                raise _err(source, f"space.overrides[{i}].match", f"{text!r} never applies: every cluster it "
-                           "matches is taken by space.keep_fp, an exact-name override or an earlier pattern")
-
+        leftover_bits = check_leftover_bits(raw.get("leftover_bits", FULL_PRECISION), source)
+        keep_fp = as_list(raw.get("keep_fp", []), source, "space.keep_fp", "names or patterns")
+        pinned = {n for i, text in enumerate(keep_fp)
+                  for n in matching_clusters(text, names, source, f"space.keep_fp[{i}]")}
+        rules = _override_rules(raw, names, pinned, source)
+        candidates = _candidates(names, pinned, rules, default, min_bits, source)
         sizes = {n: c.numel for n, c in clusters.items()}
         scales = {n: 1 if granularity == "matrix" else c.shape[0] for n, c in clusters.items()}
         # Leftovers and FP32 size straight from model_size, so the accounting cannot drift from it.
@@ -371,7 +282,7 @@ class SearchSpace:
 
     def uniform_map(self, bits: int) -> PrecisionMap:
         """Each cluster at its largest candidate ``<= bits``, or its smallest if none is."""
-        if not _is_int(bits):
+        if not is_int(bits):
             raise ValueError(f"bits must be an int, got {bits!r}")
         return self._map({n: max((b for b in c if b <= bits), default=c[0]) for n, c in self.candidates.items()},
                          "uniform")
@@ -404,7 +315,7 @@ class SearchSpace:
         bits = {n: c[0] for n, c in self.candidates.items()}
         for name in free:
             b = params[name]
-            if not _is_int(b) or b not in self.candidates[name]:
+            if not is_int(b) or b not in self.candidates[name]:
                 raise SpaceError(f"{self.source}: NNI parameter {name!r} = {b!r} is not one of "
                                  f"{list(self.candidates[name])}")
             bits[name] = int(b)
@@ -431,3 +342,59 @@ class SearchSpace:
             lines.append(f"budget: {budget.kind} {budget.value:g} -> at most {budget.max_weight_bits(self):.0f} weight "
                          f"bits over the searchable clusters, at most {budget.max_bytes(self) / BYTES_PER_MB:.6f} MB")
         return "\n".join(lines)
+
+
+class _Rule(NamedTuple):
+    """One ``space.overrides`` entry: its match text, its widths, the clusters it matches."""
+
+    match: str
+    bits: tuple[int, ...]
+    hits: list[str]
+
+
+def _override_rules(raw: Mapping[str, Any], names: list[str], pinned: set[str], source: str) -> list[_Rule]:
+    """The ``space.overrides`` entries, checked: both keys, known clusters, no name set twice."""
+    exact: dict[str, int] = {}  # cluster name -> index of its exact-name override
+    rules = []
+    for i, entry in enumerate(as_list(raw.get("overrides", []), source, "space.overrides", "{match, bits}")):
+        key = f"space.overrides[{i}]"
+        entry = as_mapping(entry, source, key, _OVERRIDE_KEYS)
+        if any(k not in entry for k in _OVERRIDE_KEYS):
+            raise space_error(source, key, f"needs both keys {' and '.join(_OVERRIDE_KEYS)}, got {dict(entry)!r}")
+        hits = matching_clusters(entry["match"], names, source, f"{key}.match")
+        text, bits = entry["match"], bits_list(entry["bits"], source, f"{key}.bits")
+        if not is_pattern(text):
+            if text in exact or text in pinned:
+                by = f"space.overrides[{exact[text]}]" if text in exact else "space.keep_fp (32 bits)"
+                raise space_error(source, f"{key}.match", f"{text!r} is already set by {by}")
+            exact[text] = i
+        rules.append(_Rule(text, bits, hits))
+    return rules
+
+
+def _candidates(names: list[str], pinned: set[str], rules: list[_Rule], default: tuple[int, ...], min_bits: int,
+                source: str) -> dict[str, tuple[int, ...]]:
+    """Each cluster's widths: 32 if kept FP, else its exact-name override, the first matching pattern or
+    ``space.bits``, above ``min_bits``; an override that never applies is an error."""
+    exact = {rule.match: i for i, rule in enumerate(rules) if not is_pattern(rule.match)}
+    patterns = [i for i, rule in enumerate(rules) if is_pattern(rule.match)]
+    candidates: dict[str, tuple[int, ...]] = {}
+    used: set[int] = set()
+    for name in names:
+        if name in pinned:
+            candidates[name] = (FULL_PRECISION,)
+            continue
+        rule = exact.get(name, next((i for i in patterns if name in rules[i].hits), None))
+        key, bits = ("space.bits", default) if rule is None else (f"space.overrides[{rule}].bits", rules[rule].bits)
+        if rule is not None:
+            used.add(rule)
+        kept = tuple(b for b in bits if b >= min_bits)
+        if not kept:
+            raise space_error(source, "space.min_bits", f"{min_bits} leaves no candidate for cluster {name!r} "
+                              f"({key} = {list(bits)})")
+        candidates[name] = kept
+    for i, rule in enumerate(rules):
+        if i not in used:
+            raise space_error(source, f"space.overrides[{i}].match", f"{rule.match!r} never applies: every cluster "
+                              "it matches is taken by space.keep_fp, an exact-name override or an earlier pattern")
+    return candidates

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from search_spaces.clusters import cluster_weight, find_clusters
 from search_spaces.models import LSTMLM, LSTMConfig, TransformerConfig, TransformerLM
-from search_spaces.precision import cluster_weight, find_clusters
 
 VOCAB = 12
 

@@ -13,8 +13,9 @@ from nas.config.sections import parse_config
 from nas.core.checkpoint import load_checkpoint
 from nas.core.data import load_corpus
 from nas.retrain.run import retrain
+from search_spaces.clusters import cluster_weight, find_clusters
 from search_spaces.models import build_model
-from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
+from search_spaces.precision import PrecisionMap
 from tests.synthetic import train_fp_run
 
 EXP = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers": 1, "dropout": 0.1},

@@ -16,8 +16,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from search_spaces.apply import fake_quantize_, quantize_, remove_fake_quantize_
+from search_spaces.clusters import cluster_parameter, cluster_weight, find_clusters
 from search_spaces.models import LSTMLM, LSTMConfig, TransformerConfig, TransformerLM
-from search_spaces.precision import PrecisionMap, cluster_parameter, cluster_weight, find_clusters
+from search_spaces.precision import PrecisionMap
 from search_spaces.quant import dequantize, levels, qmax, quantize
 
 

@@ -16,7 +16,8 @@ from search_spaces.apply import quantize_
 from search_spaces.models import build_model
 from search_spaces.packed import export_packed, load_packed, read_packed
 from search_spaces.precision import PrecisionMap
-from search_spaces.space import DEFAULT_BITS, SearchSpace, SpaceError
+from search_spaces.space import DEFAULT_BITS, SearchSpace
+from search_spaces.space_parsing import SpaceError
 
 ALL_WIDTHS = [1, 2, 3, 4, 5, 6, 8, 16]
 NO_DATA = SearchData(train=torch.zeros(0, dtype=torch.long), valid=torch.zeros(0, dtype=torch.long))

@@ -121,7 +121,7 @@ def _user_error_types() -> list[type[Exception]]:
     from nas.retrain.prototype_store import PrototypeError
     from search_spaces.packed import PackedFileError
     from search_spaces.precision import PrecisionMapError
-    from search_spaces.space import SpaceError
+    from search_spaces.space_parsing import SpaceError
 
     return [MpnasError, UsageError, CheckpointError, DataError, ConfigError, SpaceError, PackedFileError,
             PrecisionMapError, PrototypeError, PipelineError, NBestError, ReportError, TrainingDivergedError,

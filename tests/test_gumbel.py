@@ -11,8 +11,8 @@ import torch
 
 from nas.search.gumbel import GumbelSupernet, _MixedQuantize
 from nas.search.gumbel_export import budgeted_argmax, fill_reward
+from search_spaces.clusters import find_clusters
 from search_spaces.models import build_model
-from search_spaces.precision import find_clusters
 from search_spaces.quant import dequantize, fake_quantize, quantize_codes, solve_scale, table_values
 
 

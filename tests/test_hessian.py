@@ -12,8 +12,8 @@ from torch.func import functional_call
 
 from nas.search import hessian as hessian_module
 from nas.search.hessian import TraceEstimate, hessian_scores, hutchinson_traces, lm_loss_fn
+from search_spaces.clusters import cluster_weight, find_clusters
 from search_spaces.models import LSTMLM
-from search_spaces.precision import cluster_weight, find_clusters
 from search_spaces.quant import quantization_error
 from tests.sensitivity_models import noisy_prototypes, pattern, tiny_lstm, tiny_transformer, train_briefly
 

@@ -19,12 +19,14 @@ from evaluators.perplexity import perplexity
 from nas.config.sections import SearchSection, load_config
 from nas.search.strategies import get_strategy
 from search_spaces.apply import fake_quantize_, quantize_, quantize_all_, remove_fake_quantize_
+from search_spaces.clusters import find_clusters, find_leftovers
 from search_spaces.models import build_model
 from search_spaces.packed import PackedFileError, export_packed, load_packed, read_packed
-from search_spaces.precision import LEFTOVER_BITS, PrecisionMap, find_clusters, find_leftovers
+from search_spaces.precision import LEFTOVER_BITS, PrecisionMap
 from search_spaces.quant import dequantize_affine, quantize_affine
 from search_spaces.size import model_size
-from search_spaces.space import SearchSpace, SpaceError
+from search_spaces.space import SearchSpace
+from search_spaces.space_parsing import SpaceError
 
 SRC = "exp.yaml"
 LSTM = dict(vocab_size=3000, embed_dim=16, hidden_dim=16, num_layers=1)  # decoder bias: 3000 of ~150k

@@ -32,8 +32,8 @@ from nas.config.sections import ExperimentConfig, parse_config  # noqa: E402
 from nas.core.checkpoint import load_checkpoint  # noqa: E402
 from nas.core.data import Corpus, load_corpus  # noqa: E402
 from nas.retrain.loop import train  # noqa: E402
+from search_spaces.clusters import find_clusters  # noqa: E402
 from search_spaces.models import build_model  # noqa: E402
-from search_spaces.precision import find_clusters  # noqa: E402
 from tests.synthetic import write_synthetic_corpus  # noqa: E402
 
 LSTM = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers": 1, "dropout": 0.1},

@@ -421,7 +421,7 @@ def test_bad_space_or_setting_exits_2_before_any_training(change: dict[str, Any]
 
 def test_bad_space_is_checked_on_the_given_checkpoint(full_run: tuple[Path, list[str]], corpus_dir: Path,
                                                       tmp_path: Path) -> None:
-    from search_spaces.space import SpaceError
+    from search_spaces.space_parsing import SpaceError
 
     raw = {**TINY, "space": {"bits": [1, 2, 4], "overrides": [{"match": "embeding", "bits": [4]}]}}
     with pytest.raises(SpaceError, match=r"space\.overrides\[0\]\.match: 'embeding' matches no cluster; did you "

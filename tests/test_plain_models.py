@@ -18,8 +18,9 @@ from nas.config.sections import SearchSection
 from nas.search.base import SearchData
 from nas.search.strategies import get_strategy
 from search_spaces.apply import quantize_
+from search_spaces.clusters import find_clusters
 from search_spaces.models import LSTMLM, from_torch_lstm
-from search_spaces.precision import PrecisionMap, find_clusters
+from search_spaces.precision import PrecisionMap
 from search_spaces.space import SearchSpace
 from tests.plain_lms import VOCAB, PlainLSTM, PlainTransformer, pretrain, token_stream
 

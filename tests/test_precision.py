@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from search_spaces.clusters import Cluster, cluster_weight, find_clusters
 from search_spaces.models import LSTMLM, LSTMConfig, TransformerConfig, TransformerLM
 from search_spaces.models.lstm_lm import GATES
-from search_spaces.precision import FORMAT_VERSION, Cluster, PrecisionMap, cluster_weight, find_clusters
+from search_spaces.precision import FORMAT_VERSION, PrecisionMap
 
 
 def lstm_lm(tie: bool = False) -> LSTMLM:

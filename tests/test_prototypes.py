@@ -17,7 +17,8 @@ from nas.pipeline.prototypes import build_prototypes
 from nas.pipeline.stages import load_model
 from nas.retrain.prototype_store import INDEX, PrototypeError, load_prototypes, prototype_file, prototype_weights
 from nas.retrain.run import retrain
-from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
+from search_spaces.clusters import cluster_weight, find_clusters
+from search_spaces.precision import PrecisionMap
 from tests.synthetic import train_fp_run
 
 EXP = {"model": {"type": "lstm", "embed_dim": 12, "hidden_dim": 12, "num_layers": 1},

@@ -10,8 +10,8 @@ from torch import nn
 
 from nas.search.hessian import hessian_scores, hutchinson_traces, lm_loss_fn
 from nas.search.kl import kl_scores
+from search_spaces.clusters import cluster_weight, find_clusters
 from search_spaces.models import LSTMLM, LMOutput, LSTMConfig, TransformerConfig, TransformerLM
-from search_spaces.precision import cluster_weight, find_clusters
 from search_spaces.quant import quantization_error, quantize
 from tests.sensitivity_models import VOCAB, noisy_prototypes, pattern, tiny_lstm, tiny_transformer
 

@@ -9,10 +9,12 @@ import pytest
 import torch
 import yaml
 
+from search_spaces.clusters import find_clusters
 from search_spaces.models import build_model
-from search_spaces.precision import PrecisionMap, find_clusters
+from search_spaces.precision import PrecisionMap
 from search_spaces.size import model_size
-from search_spaces.space import DEFAULT_BITS, Budget, SearchSpace, SpaceError
+from search_spaces.space import DEFAULT_BITS, Budget, SearchSpace
+from search_spaces.space_parsing import SpaceError
 
 SRC = "exp.yaml"
 GATES = [f"layers.{k}.{g}_gate.{m}" for k in (0, 1)

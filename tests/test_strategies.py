@@ -12,8 +12,9 @@ from nas.core.data import load_corpus
 from nas.retrain.loop import train
 from nas.search.base import SearchData
 from nas.search.strategies import STRATEGIES, get_strategy
+from search_spaces.clusters import find_clusters
 from search_spaces.models import build_model
-from search_spaces.precision import PrecisionMap, find_clusters
+from search_spaces.precision import PrecisionMap
 from search_spaces.space import SearchSpace
 from tests.synthetic import write_synthetic_corpus
 

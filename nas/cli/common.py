@@ -10,7 +10,7 @@ import torch
 
 from nas.config.sections import ConfigError
 from nas.core.errors import MpnasError
-from search_spaces.space import SpaceError
+from search_spaces.space_parsing import SpaceError
 
 
 def is_packed(path: Path) -> bool:

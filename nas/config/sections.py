@@ -33,7 +33,8 @@ from nas.config.schema import (
 )
 from nas.core.data import CorpusOptions
 from search_spaces.models import MODEL_TYPES
-from search_spaces.space import Budget, SpaceError
+from search_spaces.space import Budget
+from search_spaces.space_parsing import SpaceError
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parents[2] / "search_spaces"
 STRATEGY_NAMES = ("gumbel", "kl", "hessian", "uniform", "random")

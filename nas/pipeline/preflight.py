@@ -21,7 +21,8 @@ from torch import nn
 from nas.config.sections import ConfigError, ExperimentConfig, FieldError
 from nas.core.data import Corpus
 from search_spaces.models import build_model
-from search_spaces.space import DEFAULT_BITS, Budget, SearchSpace, SpaceError
+from search_spaces.space import DEFAULT_BITS, Budget, SearchSpace
+from search_spaces.space_parsing import SpaceError
 
 
 def experiment_model(exp: ExperimentConfig, corpus: Corpus, checkpoint: str | Path | None = None) -> nn.Module:

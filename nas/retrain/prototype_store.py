@@ -15,8 +15,8 @@ from torch import nn
 
 from nas.core.errors import MpnasError
 from nas.core.hashing import file_sha256
+from search_spaces.clusters import cluster_weight, find_clusters
 from search_spaces.packed import load_packed
-from search_spaces.precision import cluster_weight, find_clusters
 
 INDEX = "prototypes.json"
 INDEX_VERSION = 1

@@ -29,8 +29,9 @@ from nas.retrain.hooks import TrainingHooks
 from nas.retrain.loop import _evaluate, train
 from nas.retrain.prototype_store import PrototypeError, load_prototypes, prototype_weights, read_index
 from nas.retrain.ste import QuantizedClusters, SteHooks
+from search_spaces.clusters import cluster_weight, find_clusters
 from search_spaces.models import build_model
-from search_spaces.precision import PrecisionMap, cluster_weight, find_clusters
+from search_spaces.precision import PrecisionMap
 from search_spaces.quant import FULL_PRECISION
 from search_spaces.size import model_size
 

@@ -26,7 +26,8 @@ from torch import nn
 
 from nas.retrain.hooks import TrainingHooks
 from search_spaces.apply import quantize_leftovers_
-from search_spaces.precision import PrecisionMap, cluster_parameter, cluster_weight, find_clusters, find_leftovers
+from search_spaces.clusters import cluster_parameter, cluster_weight, find_clusters, find_leftovers
+from search_spaces.precision import PrecisionMap
 from search_spaces.quant import FULL_PRECISION, qmax, quantize, quantize_codes, solve_scale
 
 

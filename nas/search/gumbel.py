@@ -61,7 +61,8 @@ from nas.config.defaults import GumbelSettings
 from nas.core.batches import stream_batches, window_batches
 from nas.core.errors import MpnasError
 from nas.search.gumbel_export import budgeted_argmax
-from search_spaces.precision import Cluster, PrecisionMap, cluster_parameter, cluster_weight, find_clusters
+from search_spaces.clusters import Cluster, cluster_parameter, cluster_weight, find_clusters
+from search_spaces.precision import PrecisionMap
 from search_spaces.quant import FULL_PRECISION, fake_quantize, solve_scale, table_values
 
 

@@ -43,8 +43,8 @@ from nas.search.sensitivity import (
     replacement_weight,
     resolve_clusters,
 )
+from search_spaces.clusters import cluster_parameter, cluster_weight
 from search_spaces.models.protocol import as_lm
-from search_spaces.precision import cluster_parameter, cluster_weight
 from search_spaces.quant import FULL_PRECISION, quantization_error
 
 logger = logging.getLogger(__name__)

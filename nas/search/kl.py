@@ -15,8 +15,8 @@ from nas.search.sensitivity import (
     replacement_weight,
     resolve_clusters,
 )
+from search_spaces.clusters import cluster_weight
 from search_spaces.models.protocol import as_lm
-from search_spaces.precision import cluster_weight
 from search_spaces.quant import FULL_PRECISION, quantize
 
 

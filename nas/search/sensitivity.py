@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from nas.core.errors import MpnasError
-from search_spaces.precision import Cluster, find_clusters
+from search_spaces.clusters import Cluster, find_clusters
 from search_spaces.quant import GRANULARITIES, SUPPORTED_BITS
 
 Replacements = Mapping[int, Mapping[str, torch.Tensor]]  # {bits: {cluster: weight}}: prototype weights
