@@ -14,8 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 LIBRARY = ("nas", "evaluators", "search_spaces")
 # The command line's own package (its job is output), and the CLI entry functions of other modules.
 CLI_PACKAGE = "nas/cli/"
-CLI_FUNCTIONS = {("nas/nni/launcher.py", "cmd_nni"),
-                 ("nas/nni/launcher.py", "_print_summary"), ("nas/nni/trial.py", "main")}
+CLI_FUNCTIONS = {("nas/nni/trial.py", "main")}
 
 
 def _library_files() -> list[Path]:

@@ -31,14 +31,8 @@ import yaml
 from evaluators.report import parse_row
 from nas.cli.main import main
 from nas.config.sections import ConfigError, parse_config
-from nas.nni.launcher import (
-    PROJECT_ROOT,
-    collect_results,
-    experiment_dict,
-    trial_failure_text,
-    tuner_config,
-    tuner_error,
-)
+from nas.nni.launcher import PROJECT_ROOT, experiment_dict, tuner_config
+from nas.nni.outcome import collect_results, trial_failure_text, tuner_error
 from nas.nni.space import (
     DEFAULT_GUMBEL_SPACE,
     DIVERGED_OBJECTIVE,

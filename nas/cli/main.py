@@ -7,9 +7,11 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from nas.cli.common import is_packed, load_any_model, precision_beside, run_reporting_user_errors
 from nas.cli.nbest import add_nbest_arguments
+from nas.cli.nni import add_nni_parser
 from nas.cli.pipeline import add_pipeline_parser, run_from_args
 from nas.cli.report import add_report_parser
 from nas.cli.search import add_search_parser, add_space_parser
@@ -19,7 +21,6 @@ from nas.core.corpus_report import corpus_summary, describe_vocab_mismatch, form
 from nas.core.data import CorpusOptions, DataError, load_corpus, resolve_data_dir
 from nas.core.errors import UsageError
 from nas.core.threads import apply_threads
-from nas.nni.launcher import add_nni_parser
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -165,6 +166,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpnas", description="Mixed-precision quantization of LMs")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _add_training_parsers(sub)
+    _add_model_parsers(sub)
+    add_space_parser(sub)
+    add_search_parser(sub)
+    for name in ("space", "search"):
+        _add_common(sub.choices[name])
+    add_report_parser(sub)
+
+    _add_common(add_pipeline_parser(sub))
+    _add_common(add_nni_parser(sub))
+
+    p = sub.add_parser("quickstart", help="quick end-to-end pipeline on PTB (quick.yaml), resumable")
+    p.add_argument("--out", help="run folder (default runs/quickstart)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_common(p)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def _add_training_parsers(sub: Any) -> None:
+    """``mpnas train``, ``retrain`` and ``prototypes``."""
     p = sub.add_parser("train", help="train the FP language model of an experiment file")
     p.add_argument("config", help="experiment YAML (or a packaged name: quick, ptb_lstm, ptb_transformer)")
     p.add_argument("--out", help="run folder (default runs/<config name>)")
@@ -194,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(p)
     p.set_defaults(func=cmd_prototypes)
 
+
+def _add_model_parsers(sub: Any) -> None:
+    """``mpnas export`` and ``evaluate``: work on a checkpoint or a packed file."""
     p = sub.add_parser("export", help="write a (retrained) checkpoint as a bit-packed file")
     p.add_argument("checkpoint", help="best.pt of `mpnas retrain` (or any checkpoint with --precision)")
     p.add_argument("--precision", help="map file or uniform:BITS (default: precision.yaml beside the checkpoint)")
@@ -210,22 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_nbest_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)
-
-    add_space_parser(sub)
-    add_search_parser(sub)
-    for name in ("space", "search"):
-        _add_common(sub.choices[name])
-    add_report_parser(sub)
-
-    _add_common(add_pipeline_parser(sub))
-    _add_common(add_nni_parser(sub))
-
-    p = sub.add_parser("quickstart", help="quick end-to-end pipeline on PTB (quick.yaml), resumable")
-    p.add_argument("--out", help="run folder (default runs/quickstart)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_common(p)
-    p.set_defaults(func=cmd_quickstart)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,9 +39,7 @@ main environment (without NNI) can build, check and emit experiments.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib.util
 import json
 import logging
 import shlex
@@ -55,17 +53,15 @@ from typing import Any
 
 import yaml
 
-from nas.config.sections import ConfigError, ExperimentConfig, load_config
+from nas.config.sections import ConfigError, ExperimentConfig
 from nas.core.threads import resolve_threads
+from nas.nni.outcome import collect_results, tail, trial_failure_text, tuner_error
 from nas.nni.space import (  # re-exported: the launcher's public names
-    MODES,
     SPEC_VERSION,
-    TUNERS,
     NniSettings,
     bits_space,
     config_budget,
     hparams_space,
-    load_settings,
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # holds nas/: trials run `-m nas.nni.trial` from here
@@ -214,56 +210,6 @@ def prepare(exp: ExperimentConfig, settings: NniSettings, out: Path, *, checkpoi
 # Running (the only place that imports nni)
 
 
-def tail(path: Path, lines: int = 40, chars: int = 4000) -> str:
-    """The last lines of a log file ('' if absent)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.rstrip().splitlines()[-lines:])[-chars:]
-
-
-def trial_log_dir(work_dir: Path, exp_id: str, trial_id: str) -> Path | None:
-    """NNI's folder of one trial (local: ``<work>/<exp>/environments/local-env/trials/<id>``)."""
-    found = sorted((work_dir / exp_id).glob(f"**/trials/{trial_id}"))
-    return found[0] if found else None
-
-
-def trial_failure_text(work_dir: Path, exp_id: str, trial_id: str) -> str:
-    """The stderr tail of a failed trial (NNI 3.0 writes ``trial.stderr``; its ``stderrPath`` is wrong)."""
-    folder = trial_log_dir(work_dir, exp_id, trial_id)
-    if folder is None:
-        return f"(no log folder for trial {trial_id} under {work_dir / exp_id})"
-    for name in ("trial.stderr", "stderr", "trial.log"):
-        text = tail(folder / name)
-        if text:
-            return f"{folder / name}:\n{text}"
-    return f"(trial {trial_id} left no output in {folder})"
-
-
-def tuner_error(work_dir: Path, exp_id: str) -> str | None:
-    """A traceback in the dispatcher (tuner) log, e.g. a result without 'default'; None if none."""
-    log = work_dir / exp_id / "log" / "dispatcher.log"
-    text = tail(log, lines=60, chars=6000)
-    return f"{log}:\n{text[text.find('Traceback'):]}" if "Traceback" in text else None
-
-
-def collect_results(trials_dir: Path, experiment_id: str | None = None) -> list[dict[str, Any]]:
-    """Every trial's ``nni_trial.json`` (its own parameters and result), best objective first.
-
-    With ``experiment_id``, only that experiment's trials (an OUT reused by several runs).
-
-    The trials' own records are used, not NNI's ``export_data()``: with concurrent trials
-    NNI 3.0 can pair parameters with the wrong trial there (seen in 2 of 3 small runs).
-    """
-    results = []
-    for path in sorted(trials_dir.glob("*/nni_trial.json")):
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("result") is not None and experiment_id in (None, record.get("experiment_id")):
-            results.append(record)
-    return sorted(results, key=lambda r: r["result"]["default"])
-
-
 def run_experiment(prepared: Prepared, settings: NniSettings, *, port: int | None = None, keep_going: bool = False,
                    poll_s: float = 1.0, log: Any = None) -> dict[str, Any]:
     """Start the NNI experiment, wait for it, always stop it; raise NniRunError on failure.
@@ -273,7 +219,6 @@ def run_experiment(prepared: Prepared, settings: NniSettings, *, port: int | Non
     """
     log = log or logger.info
     from nni.experiment import Experiment, ExperimentConfig
-    from nni.experiment import rest as nni_rest
 
     config = ExperimentConfig(**prepared.config)
     work_dir = Path(prepared.config["experimentWorkingDirectory"])
@@ -281,32 +226,12 @@ def run_experiment(prepared: Prepared, settings: NniSettings, *, port: int | Non
     port = port or free_port()
     started = time.monotonic()
     deadline = started + settings.max_seconds + GRACE_S
-    status, statuses, problem = "INITIALIZED", {}, None
     experiment.start(port)
     try:
         log(f"NNI experiment {experiment.id}: {settings.tuner}, {settings.trials} trials, {settings.mode} mode, "
             f"web UI http://127.0.0.1:{port} (the manager listens on all interfaces)")
-        while True:
-            status = nni_rest.get(port, "/check-status").get("status", "UNKNOWN")
-            jobs = experiment.list_trial_jobs()
-            statuses = {j.trialJobId: j.status for j in jobs}
-            failed = [t for t, s in statuses.items() if s in FAILED_STATES]
-            if failed and not keep_going:
-                break
-            if (problem := tuner_error(work_dir, experiment.id)) is not None:
-                break
-            if status in FINAL_STATES:
-                break
-            if time.monotonic() > deadline:
-                problem = (f"the experiment was still {status} {settings.max_seconds + GRACE_S} s after its start "
-                           f"(max_seconds {settings.max_seconds} + {GRACE_S} s grace); stopped it")
-                break
-            time.sleep(poll_s)
-        if status == "ERROR" and problem is None:
-            errors = nni_rest.get(port, "/check-status").get("errors") or []
-            problem = "NNI reported ERROR: " + ("; ".join(map(str, errors)) or "no message")
-            problem += "\n" + (tuner_error(work_dir, experiment.id) or tail(work_dir / experiment.id / "log" /
-                                                                              "nnimanager.log", lines=20))
+        status, statuses, problem = _watch(experiment, port, work_dir, settings, deadline, keep_going=keep_going,
+                                           poll_s=poll_s)
     finally:
         experiment.stop()
     elapsed = time.monotonic() - started
@@ -332,86 +257,30 @@ def run_experiment(prepared: Prepared, settings: NniSettings, *, port: int | Non
 # Command line
 
 
-def _print_summary(summary: Mapping[str, Any], out: Path) -> None:
-    results = summary["results"]
-    print(f"NNI experiment {summary['experiment_id']} {summary['status']} in {summary['elapsed_s']:.0f} s: "
-          f"{len(results)} trial result(s) of {len(summary['trials'])} trial(s); best first:")
-    print(f"  {'trial':<8} {'objective':>10} {'ppl':>9} {'avg_bits':>8} {'size_MB':>9}  parameters")
-    def cell(value: Any, width: int, digits: int, scale: float = 1.0) -> str:
-        return f"{value / scale:>{width}.{digits}f}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+def _watch(experiment: Any, port: int, work_dir: Path, settings: NniSettings, deadline: float, *, keep_going: bool,
+           poll_s: float) -> tuple[str, dict[str, str], str | None]:
+    """Poll a started experiment until it ends, a trial fails, the tuner errs or the deadline passes.
 
-    for record in results[:10]:
-        r = record["result"]
-        params = json.dumps(record.get("parameters", {}), sort_keys=True)
-        params = params if len(params) <= 100 else params[:97] + "..."
-        print(f"  {record['trial_id']:<8} {cell(r['default'], 10, 3)} {cell(r.get('ppl'), 9, 2)} "
-              f"{cell(r.get('avg_bits'), 8, 3)} {cell(r.get('size_bytes'), 9, 4, 1e6)}  {params}"
-              + ("  (diverged)" if r.get("diverged") else ""))
-    if len(summary["trials"]) < summary["max_trials"]:
-        print(f"  ({len(summary['trials'])} of {summary['max_trials']} trials started: the wall-clock limit "
-              "ended the experiment, or the tuner ran out of new parameters)")
-    print(f"summary: {out / 'nni' / 'results.json'}")
-    print(f"report:  mpnas report {out / 'trials'}/* --out {out / 'report'}")
+    Returns its last status, the trials' statuses and what went wrong (None if nothing did).
+    """
+    from nni.experiment import rest as nni_rest
 
-
-def cmd_nni(args: argparse.Namespace) -> int:
-    """Run (or emit) an NNI experiment over an experiment file."""
-    from nas.core.data import resolve_data_dir
-
-    exp = load_config(args.config)
-    settings = load_settings(exp, {"mode": args.mode, "tuner": args.tuner, "trials": args.trials,
-                                   "concurrency": args.concurrency, "max_seconds": args.max_seconds,
-                                   "seed": args.seed})
-    out = Path(args.out or Path("runs") / f"nni_{Path(exp.source).stem}_{settings.mode}")
-    data = resolve_data_dir(args.data or exp.data.path)
-    prepared = prepare(exp, settings, out, checkpoint=args.checkpoint, data=Path(data), device=args.device,
-                       threads=args.threads, retrain_method=args.method, python=args.python)
-    if args.emit_config:
-        target = Path(args.emit_config)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(emit_yaml(prepared.config), encoding="utf-8")
-        print(f"wrote {target} ({len(prepared.search_space)} tuned parameters, trial spec {prepared.spec_path})")
-        if args.python is None and importlib.util.find_spec("nni") is None:
-            print(f"warning: the trials will run {sys.executable}, which cannot import nni; pass --python "
-                  "with the NNI venv's interpreter", file=sys.stderr)
-        print(f"run:    nnictl create --config {target} --port {args.port or 8080}")
-        print(f"report: mpnas report {prepared.out / 'trials'}/* --out {prepared.out / 'report'}")
-        return 0
-    try:
-        import nni  # noqa: F401 - only to say clearly that it is missing
-    except ImportError as exc:
-        raise ConfigError(f"mpnas nni needs NNI 3.0 ({exc}): pip install -e '.[nni]' in a separate venv "
-                          "(see requirements-nni.txt), or write the YAML with --emit-config") from exc
-    try:
-        summary = run_experiment(prepared, settings, port=args.port, keep_going=args.keep_going)
-    except NniRunError as exc:
-        print(f"mpnas: error: {exc}", file=sys.stderr)
-        print(f"(trial folders so far: {prepared.out / 'trials'})", file=sys.stderr)
-        return 1
-    _print_summary(summary, prepared.out)
-    return 0
-
-
-def add_nni_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register ``mpnas nni`` (needs NNI only when it runs an experiment)."""
-    p = sub.add_parser("nni", help="tune search settings or bit widths with NNI (needs the nni extra)",
-                       description="Run an NNI 3.0 HPO experiment on the local machine, or write its YAML. "
-                       "Settings: the config's optional `nni` section, overridden by these options.")
-    p.add_argument("config", help="experiment YAML (its model, space, budget, search, retrain, pipeline, nni)")
-    p.add_argument("--tuner", choices=TUNERS, help="default: nni.tuner, else TPE")
-    p.add_argument("--trials", type=int, help="number of trials (default: nni.trials, else 10)")
-    p.add_argument("--mode", choices=MODES, help="hparams: tune search settings, run the pipeline per trial; "
-                   "bits: tune a bit width per cluster (default: nni.mode, else hparams)")
-    p.add_argument("--concurrency", type=int, help="trials at once (default: nni.concurrency, else 1)")
-    p.add_argument("--max-seconds", type=int, help="wall-clock limit of the experiment (default: nni.max_seconds)")
-    p.add_argument("--seed", type=int, help="TPE/Random tuner seed")
-    p.add_argument("--port", type=int, help="NNI manager port (default: a free one)")
-    p.add_argument("--out", help="experiment folder; trials in OUT/trials/<id> (default runs/nni_<config>_<mode>)")
-    p.add_argument("--checkpoint", help="FP best.pt the trials start from (required in bits mode)")
-    p.add_argument("--method", choices=["admm", "ste"],
-                   help="retraining method (default: pipeline.retrain_method, else retrain.method)")
-    p.add_argument("--keep-going", action="store_true", help="do not stop at the first failed trial")
-    p.add_argument("--emit-config", metavar="EXP_YML", help="write the NNI YAML for `nnictl create` and exit")
-    p.add_argument("--python", help="interpreter of the trials (default: this one); it must import nni and mpnas")
-    p.set_defaults(func=cmd_nni)
-    return p
+    status, statuses, problem = "INITIALIZED", {}, None
+    while True:
+        status = nni_rest.get(port, "/check-status").get("status", "UNKNOWN")
+        statuses = {j.trialJobId: j.status for j in experiment.list_trial_jobs()}
+        if any(s in FAILED_STATES for s in statuses.values()) and not keep_going:
+            break
+        if (problem := tuner_error(work_dir, experiment.id)) is not None or status in FINAL_STATES:
+            break
+        if time.monotonic() > deadline:
+            problem = (f"the experiment was still {status} {settings.max_seconds + GRACE_S} s after its start "
+                       f"(max_seconds {settings.max_seconds} + {GRACE_S} s grace); stopped it")
+            break
+        time.sleep(poll_s)
+    if status == "ERROR" and problem is None:
+        errors = nni_rest.get(port, "/check-status").get("errors") or []
+        problem = "NNI reported ERROR: " + ("; ".join(map(str, errors)) or "no message")
+        problem += "\n" + (tuner_error(work_dir, experiment.id) or tail(work_dir / experiment.id / "log" /
+                                                                          "nnimanager.log", lines=20))
+    return status, statuses, problem

@@ -186,15 +186,12 @@ def default_bits_params(space: Any) -> dict[str, int]:
 
 def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path, trial: str) -> dict[str, Any]:
     """Retrain, pack and evaluate the tuner's map; writes the eval row; returns the final result."""
-    from evaluators.perplexity import perplexity
     from nas.config.sections import load_config
     from nas.core.data import load_corpus
     from nas.retrain.distributed import DistInfo, resolve_device
     from nas.retrain.hooks import TrainingDivergedError
     from nas.retrain.run import load_fp_checkpoint, retrain
     from search_spaces.models import build_model
-    from search_spaces.packed import export_packed, load_packed
-    from search_spaces.size import model_size
     from search_spaces.space import BYTES_PER_MB, SearchSpace
 
     exp = load_config(spec["config"])
@@ -227,13 +224,7 @@ def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path
     (retrain_dir / "checkpoint.pt").unlink(missing_ok=True)  # resume state (optimizer too); no trial resumes
     model.load_state_dict(load_fp_checkpoint(retrain_dir / "best.pt")["model"])
     packed = retrain_dir / "model.mpq"
-    export_packed(model, precision, packed)
-    quantized, _ = load_packed(packed)
-    quantized.to(device)
-    size = model_size(quantized, precision)
-    ppl = {split: perplexity(quantized, corpus.split(split), corpus.vocab.eos_id, batch_size=exp.data.eval_batch_size,
-                             bptt=exp.data.bptt, stride=exp.data.eval_stride, device=device)["ppl"]
-           for split in ("valid", "test")}
+    size, ppl = _packed_measurements(model, precision, packed, corpus, exp, device)
     budget = space.budget
     row = {"model": spec["model_name"], "strategy": meta["strategy"],
            "budget": float(budget.value) if budget is not None and budget.kind == "avg_bits" else None,
@@ -243,17 +234,40 @@ def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path
            "retrain_s": retrain_s, "precision": str(map_path.relative_to(run)),
            "nni_trial": trial, "nni_parameters": dict(params), "within_budget": space.fits_budget(precision)}
     _write_json(run / "eval" / f"{label}.json", row)
-    if budget is None:
-        used, limit = 0.0, None
-    elif budget.kind == "avg_bits":
-        used, limit = size["avg_bits"], budget.value
-    else:
-        used, limit = size["theoretical_bytes"], budget.max_bytes(space)
+    used, limit = _budget_use(space, size)
     value = objective(ppl[spec["objective"].removesuffix("_ppl")], used, limit, float(spec["penalty"]))
     result = {**final_result(value, row, spec["objective"]), "label": label, "within_budget": row["within_budget"]}
     log.info("%s: avg bits %.3f, %.4f MB, valid ppl %.2f, test ppl %.2f, objective %.3f", label, size["avg_bits"],
              size["theoretical_bytes"] / BYTES_PER_MB, ppl["valid"], ppl["test"], value)
     return result
+
+
+
+def _packed_measurements(model: Any, precision: Any, packed: Path, corpus: Any, exp: Any, device: Any
+                         ) -> tuple[dict[str, float], dict[str, float]]:
+    """Pack the retrained model, reload it and measure it: its sizes and valid/test perplexity."""
+    from evaluators.perplexity import perplexity
+    from search_spaces.packed import export_packed, load_packed
+    from search_spaces.size import model_size
+
+    export_packed(model, precision, packed)
+    quantized, _ = load_packed(packed)
+    quantized.to(device)
+    size = model_size(quantized, precision)
+    ppl = {split: perplexity(quantized, corpus.split(split), corpus.vocab.eos_id, batch_size=exp.data.eval_batch_size,
+                             bptt=exp.data.bptt, stride=exp.data.eval_stride, device=device)["ppl"]
+           for split in ("valid", "test")}
+    return size, ppl
+
+
+def _budget_use(space: Any, size: Mapping[str, float]) -> tuple[float, float | None]:
+    """What the objective's penalty compares: the map's use of the budget's kind, and the limit (None: none)."""
+    budget = space.budget
+    if budget is None:
+        return 0.0, None
+    if budget.kind == "avg_bits":
+        return size["avg_bits"], budget.value
+    return size["theoretical_bytes"], budget.max_bytes(space)
 
 
 # --------------------------------------------------------------------------------------------

@@ -103,13 +103,8 @@ def hutchinson_traces(model: nn.Module, clusters: Sequence[str], loss_fn: Callab
     a warning names them. ``tol=0.05`` means each trace is known to about 5% (one standard
     error). A cluster whose samples are all equal (e.g. a diagonal block with Rademacher probes,
     or a Hessian block of zeros) has ``std_error`` 0 and is exact; ``tol=0`` runs every other
-    cluster to ``max_iters``. ``min_iters`` (default ``min(30, max_iters)``) keeps a cluster from
-    ending on a standard deviation measured on too few samples: the samples are skewed quadratic
-    forms, and a short run without a large one underestimates both the trace and its error (a
-    tiny LSTM with exact traces, 40 seeds at ``tol=0.1``: with 10, up to 17% of a cluster's
-    estimates were more than 2 standard errors off; with 30, at most 5%). The mean of a
-    cluster's samples stays unbiased as others retire (each sample has the same expectation,
-    only a smaller variance), and ``s_c^2 / k`` stays an unbiased estimate of its variance.
+    cluster to ``max_iters``. ``min_iters`` (default ``min(MIN_PROBES, max_iters)``, why:
+    :data:`nas.config.defaults.MIN_PROBES`) is the fewest samples a cluster can stop on.
     Probes (``"rademacher"`` or ``"gaussian"``) come from a ``torch.Generator`` seeded with
     ``seed``; the global RNG is not touched. ``loss_fn`` is called once, in eval mode, and must
     return a scalar built from the model's weights (see :func:`lm_loss_fn`); its graph is kept
