@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.nni_fixtures import nni_fp  # noqa: F401 (a fixture: the NNI test files' FP checkpoint)
 from tests.synthetic import write_synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
