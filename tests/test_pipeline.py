@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 import nas.pipeline.stages
@@ -23,31 +22,14 @@ from nas.config.sections import ConfigError, load_config
 from nas.pipeline.runner import run_pipeline, write_report_of
 from nas.pipeline.stages import ROW_KEYS
 from nas.pipeline.state import PipelineError, read_rows
-from nas.retrain.prototype_store import PrototypeError
 from search_spaces.packed import load_packed
 from search_spaces.precision import PrecisionMap
+from tests.pipeline_helpers import TINY, ran_stages, write_config
 from tests.synthetic import write_synthetic_corpus
 
 REPO = Path(__file__).resolve().parents[1]
-TINY: dict[str, Any] = {
-    "model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
-    "data": {"batch_size": 4, "bptt": 8, "eval_batch_size": 4},
-    "train": {"optimizer": "adam", "lr": 0.02, "schedule": "constant", "epochs": 2, "max_steps_per_epoch": 20},
-    "retrain": {"optimizer": "adam", "lr": 0.01, "schedule": "constant", "epochs": 2, "max_steps_per_epoch": 10,
-                "project_every": 5},
-    "space": {"bits": [1, 2, 4, 8]},
-    "search": {"epochs": 0.3, "kl_tokens": 200},
-    "pipeline": {"strategies": ["kl", "gumbel"], "budgets": [2, 4]},
-}
 LABELS = {"kl_b2", "kl_b4", "gumbel_b2", "gumbel_b4", "uniform_b2", "uniform_b4"}
 TIMES = ("search_s", "retrain_s")
-
-
-def _write_config(folder: Path, raw: dict[str, Any]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "tiny.yaml"  # the model name in every row is the file's stem
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def _without_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -57,12 +39,6 @@ def _without_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _csv_without_times(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
         return [{k: v for k, v in row.items() if k not in TIMES} for row in csv.DictReader(handle)]
-
-
-def _ran(lines: list[str]) -> set[str]:
-    """Stages a run executed, from its progress lines ``[i/n] retrain kl_b2: done in 0.1 s``."""
-    done = [line.split("] ", 1)[1].rsplit(": done in", 1)[0] for line in lines if ": done in" in line]
-    return {name.replace(" ", "/") for name in done}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +51,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> tupl
     """One complete tiny pipeline (kl and gumbel at 2 and 4 bits, plus uniform), and its progress lines."""
     root = tmp_path_factory.mktemp("full")
     lines: list[str] = []
-    run_pipeline(_write_config(root, TINY), root / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml",
+    run_pipeline(write_config(root, TINY), root / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml",
                  log=lines.append)
     return root / "run", lines
 
@@ -99,7 +75,7 @@ def test_full_pipeline_writes_the_run_layout(full_run: tuple[Path, list[str]]) -
             assert (run / "retrain" / label / name).is_file(), f"{label}/{name}"
     state = json.loads((run / "state.json").read_text())
     expected = {"fp", "eval/fp", "report", *(f"{s}/{lb}" for s in ("search", "retrain", "eval") for lb in LABELS)}
-    assert set(state) == expected == _ran(lines)
+    assert set(state) == expected == ran_stages(lines)
     assert all(entry["done"] and entry["seconds"] >= 0 and len(entry["inputs_hash"]) == 64
                for entry in state.values())
     assert lines[0].startswith("[1/21] fp") and lines[-1].startswith("[21/21] report: done in")
@@ -135,7 +111,7 @@ def test_rerun_skips_every_stage(full_run: tuple[Path, list[str]], corpus_dir: P
         monkeypatch.setattr(nas.pipeline.stages, name, _refuse)
     monkeypatch.setattr("nas.pipeline.runner.write_report_of", _refuse)
     lines: list[str] = []
-    rows = run_pipeline(_write_config(tmp_path, TINY), run, data=corpus_dir, log=lines.append)
+    rows = run_pipeline(write_config(tmp_path, TINY), run, data=corpus_dir, log=lines.append)
     assert len(lines) == 21 and all(line.endswith(": up to date") for line in lines)
     assert (run / "state.json").read_text() == before
     assert rows == read_rows(full_run[0])  # seconds too: skipped stages keep the original times
@@ -146,9 +122,9 @@ def test_changing_budgets_reruns_only_the_new_points(full_run: tuple[Path, list[
     run = _copy(full_run[0], tmp_path)
     lines: list[str] = []
     raw = {**TINY, "pipeline": {**TINY["pipeline"], "budgets": [2, 3]}}
-    rows = run_pipeline(_write_config(tmp_path, raw), run, data=corpus_dir, log=lines.append)
+    rows = run_pipeline(write_config(tmp_path, raw), run, data=corpus_dir, log=lines.append)
     new = {"kl_b3", "gumbel_b3", "uniform_b3"}
-    assert _ran(lines) == {f"{s}/{lb}" for s in ("search", "retrain", "eval") for lb in new} | {"report"}
+    assert ran_stages(lines) == {f"{s}/{lb}" for s in ("search", "retrain", "eval") for lb in new} | {"report"}
     assert {r["strategy"] + (f"_b{r['budget']:g}" if r["budget"] else "") for r in rows} == \
         {"fp", "kl_b2", "gumbel_b2", "uniform_b2", *new}
     assert not (run / "eval" / "kl_b4.json").exists() and (run / "retrain" / "kl_b4" / "model.mpq").exists()
@@ -162,8 +138,8 @@ def test_changing_one_strategys_settings_reruns_only_its_searches(
     run = _copy(full_run[0], tmp_path)
     raw = {**TINY, "search": {**TINY["search"], "kl_tokens": 150}}  # a kl setting: gumbel must not rerun
     lines: list[str] = []
-    run_pipeline(_write_config(tmp_path, raw), run, data=corpus_dir, log=lines.append)
-    searches = {name for name in _ran(lines) if name.startswith("search/")}
+    run_pipeline(write_config(tmp_path, raw), run, data=corpus_dir, log=lines.append)
+    searches = {name for name in ran_stages(lines) if name.startswith("search/")}
     assert searches == {"search/kl_b2", "search/kl_b4"}
     # whether or not the new maps differ, the rows carry the new searches' times
     state = json.loads((run / "state.json").read_text())
@@ -177,8 +153,8 @@ def test_changing_retraining_reruns_retrain_and_later(full_run: tuple[Path, list
     run = _copy(full_run[0], tmp_path)
     lines: list[str] = []
     raw = {**TINY, "retrain": {**TINY["retrain"], "lr": 0.005}, "pipeline": {"strategies": ["kl"], "budgets": [2]}}
-    run_pipeline(_write_config(tmp_path, raw), run, data=corpus_dir, log=lines.append, report=False)
-    assert _ran(lines) == {"retrain/kl_b2", "retrain/uniform_b2", "eval/kl_b2", "eval/uniform_b2"}
+    run_pipeline(write_config(tmp_path, raw), run, data=corpus_dir, log=lines.append, report=False)
+    assert ran_stages(lines) == {"retrain/kl_b2", "retrain/uniform_b2", "eval/kl_b2", "eval/uniform_b2"}
     assert sorted(p.stem for p in (run / "eval").glob("*.json")) == ["fp", "kl_b2", "uniform_b2"]
 
 
@@ -187,7 +163,7 @@ def test_given_checkpoint_replaces_fp_training(full_run: tuple[Path, list[str]],
     monkeypatch.setattr(nas.pipeline.stages, "train", _refuse)  # FP training must not run; retraining does its own
     fp = full_run[0] / "fp" / "best.pt"
     run = tmp_path / "run"
-    rows = run_pipeline(_write_config(tmp_path, TINY), run, data=corpus_dir, checkpoint=fp,
+    rows = run_pipeline(write_config(tmp_path, TINY), run, data=corpus_dir, checkpoint=fp,
                         strategies=["uniform"], budgets=[4.0], include_uniform=False, report=False, log=lambda _: None)
     source = json.loads((run / "fp" / "source.json").read_text())
     assert source["path"] == str(fp.resolve()) and len(source["sha256"]) == 64
@@ -206,7 +182,7 @@ KILL = {**TINY, "retrain": {**TINY["retrain"], "max_steps_per_epoch": 40},
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("uninterrupted")
-    run_pipeline(_write_config(root, KILL), root / "run", data=corpus_dir, log=lambda _: None)
+    run_pipeline(write_config(root, KILL), root / "run", data=corpus_dir, log=lambda _: None)
     return root / "run"
 
 
@@ -221,7 +197,7 @@ def _pipeline_cmd(config: Path, run: Path, corpus: Path) -> list[str]:
 def test_killed_pipeline_resumes_to_the_same_results(sig: signal.Signals, trigger: str, uninterrupted: Path,
                                                      corpus_dir: Path, tmp_path: Path) -> None:
     """Killed once an artifact of a training stage appears (that stage is half done), then restarted."""
-    config, run = _write_config(tmp_path, KILL), tmp_path / "run"
+    config, run = write_config(tmp_path, KILL), tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_pipeline_cmd(config, run, corpus_dir), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -259,7 +235,7 @@ def test_killed_pipeline_resumes_to_the_same_results(sig: signal.Signals, trigge
 ])
 def test_bad_pipeline_section_names_file_and_key(section: dict[str, Any], key: str, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    config = _write_config(tmp_path, {**TINY, "pipeline": section})
+    config = write_config(tmp_path, {**TINY, "pipeline": section})
     with pytest.raises(ConfigError) as info:
         load_config(config)
     assert str(config) in str(info.value) and key in str(info.value)
@@ -298,7 +274,7 @@ def test_stages_one_by_one_with_a_given_map(full_run: tuple[Path, list[str]], co
     from nas.pipeline.stages import Point, load_model
 
     fp = full_run[0] / "fp" / "best.pt"
-    pipe = Pipeline(load_config(_write_config(tmp_path, TINY)), tmp_path / "trial", load_corpus(corpus_dir),
+    pipe = Pipeline(load_config(write_config(tmp_path, TINY)), tmp_path / "trial", load_corpus(corpus_dir),
                     checkpoint=fp, log=lambda _: None)
     point = Point("nni", 8.0)
     pipe.fp()
@@ -310,77 +286,6 @@ def test_stages_one_by_one_with_a_given_map(full_run: tuple[Path, list[str]], co
     assert row["precision"] == "search/nni_b8/precision.yaml"
     assert set(json.loads((tmp_path / "trial" / "state.json").read_text())) == {
         "fp", "search/nni_b8", "retrain/nni_b8", "eval/nni_b8"}
-
-
-def test_pipeline_with_prototypes(tmp_path: Path, corpus_dir: Path) -> None:
-    """pipeline.prototypes builds one prototype per width, kl and hessian score on them, retraining
-    inherits them; a rerun is up to date; a changed retrain recipe rebuilds them."""
-    raw = {**TINY, "retrain": {**TINY["retrain"], "init": "inherited"}, "space": {"bits": [1, 2, 4]},
-           "search": {**TINY["search"], "hessian_batches": 1, "hessian_max_iters": 40},
-           "pipeline": {"strategies": ["kl", "hessian"], "budgets": [2], "prototypes": True}}
-    config = _write_config(tmp_path, raw)
-    lines: list[str] = []
-    run_pipeline(config, tmp_path / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml", log=lines.append)
-    index = json.loads((tmp_path / "run" / "prototypes" / "prototypes.json").read_text())
-    assert sorted(index["prototypes"]) == ["1", "2", "4"]
-    for strategy in ("kl", "hessian"):
-        meta = PrecisionMap.load(tmp_path / "run" / "search" / f"{strategy}_b2" / "precision.yaml").meta
-        assert meta["sensitivity"] == "prototype"
-    uniform = PrecisionMap.load(tmp_path / "run" / "search" / "uniform_b2" / "precision.yaml")
-    assert uniform.meta["strategy"] == "uniform"
-    assert "prototypes" in _ran(lines)
-    rows = {row["strategy"] + str(row["budget"]): row for row in read_rows(tmp_path / "run")}
-    for bits in (1, 2, 4):  # each prototype is a point of the report, at its own size
-        row = rows[f"prototype{float(bits)}"]
-        assert row["avg_bits"] == pytest.approx(bits) and row["test_ppl"] == pytest.approx(
-            index["prototypes"][str(bits)]["test_ppl"])
-    assert (tmp_path / "run" / "report" / "results.csv").read_text().count("prototype") == 3
-    again: list[str] = []
-    run_pipeline(config, tmp_path / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml", log=again.append)
-    assert _ran(again) == set()
-    changed = _write_config(tmp_path, {**raw, "retrain": {**raw["retrain"], "lr": 0.005}})
-    third: list[str] = []
-    run_pipeline(changed, tmp_path / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml", log=third.append)
-    assert {"prototypes", "search/kl_b2", "search/hessian_b2", "retrain/kl_b2"} <= _ran(third)
-
-    # a given folder (pipeline.prototypes_dir) is checked, never rebuilt or written to; with
-    # search_on_prototypes false kl scores the FP weights while retraining still inherits
-    given = tmp_path / "run" / "prototypes"
-    before = {p.name: p.stat().st_mtime_ns for p in given.iterdir()}
-    fp = tmp_path / "run" / "fp" / "best.pt"
-    reuse = {**raw, "pipeline": {"strategies": ["kl"], "budgets": [2], "include_uniform": False,
-                                 "prototypes_dir": str(given), "search_on_prototypes": False}}
-    fourth: list[str] = []
-    run_pipeline(_write_config(tmp_path, reuse), tmp_path / "run2", data=corpus_dir, checkpoint=fp,
-                 command="x", log=fourth.append)
-    assert not (tmp_path / "run2" / "prototypes").exists()
-    assert {p.name: p.stat().st_mtime_ns for p in given.iterdir()} == before
-    assert PrecisionMap.load(tmp_path / "run2" / "search" / "kl_b2" / "precision.yaml").meta["sensitivity"] == "fp"
-    reused = {row["strategy"] + str(row["budget"]): row for row in read_rows(tmp_path / "run2")}
-    assert {"kl2.0", "prototype1.0", "prototype2.0", "prototype4.0"} <= set(reused)
-    assert "retrain/kl_b2" in _ran(fourth)
-    # a folder without a width of the space is refused before the run folder is made
-    narrow = {**reuse, "space": {"bits": [1, 2, 3]}}
-    with pytest.raises(PrototypeError, match=r"no prototype for width\(s\) \[3\]"):
-        run_pipeline(_write_config(tmp_path, narrow), tmp_path / "run3", data=corpus_dir, checkpoint=fp, command="x")
-    assert not (tmp_path / "run3").exists()
-    # and so is one made from another FP checkpoint
-    other = tmp_path / "other.pt"
-    ckpt = torch.load(fp, weights_only=False)
-    name = next(iter(ckpt["model"]))
-    ckpt["model"][name] = ckpt["model"][name] + 1e-3
-    torch.save(ckpt, other)
-    with pytest.raises(PrototypeError, match="another FP checkpoint"):
-        run_pipeline(_write_config(tmp_path, reuse), tmp_path / "run4", data=corpus_dir, checkpoint=other,
-                     command="x")
-    assert not (tmp_path / "run4").exists()
-
-
-def test_inherited_init_needs_pipeline_prototypes(tmp_path: Path, corpus_dir: Path) -> None:
-    raw = {**TINY, "retrain": {**TINY["retrain"], "init": "inherited"}}
-    with pytest.raises(ConfigError, match="set pipeline.prototypes: true"):
-        run_pipeline(_write_config(tmp_path, raw), tmp_path / "run", data=corpus_dir, command="x")
-    assert not (tmp_path / "run").exists()
 
 
 # --- checked before any training (issue 14) ---------------------------------------------------
@@ -410,7 +315,7 @@ def test_bad_space_or_setting_exits_2_before_any_training(change: dict[str, Any]
         raise AssertionError("the pipeline started training before it checked the config")
 
     monkeypatch.setattr("nas.pipeline.runner.train_fp", no_training)
-    config = _write_config(tmp_path, {**TINY, **change})
+    config = write_config(tmp_path, {**TINY, **change})
     start = time.perf_counter()
     assert main(["pipeline", str(config), "--out", str(tmp_path / "run"), "--data", str(corpus_dir)]) == 2
     assert time.perf_counter() - start < 5
@@ -426,7 +331,7 @@ def test_bad_space_is_checked_on_the_given_checkpoint(full_run: tuple[Path, list
     raw = {**TINY, "space": {"bits": [1, 2, 4], "overrides": [{"match": "embeding", "bits": [4]}]}}
     with pytest.raises(SpaceError, match=r"space\.overrides\[0\]\.match: 'embeding' matches no cluster; did you "
                        "mean embedding"):
-        run_pipeline(_write_config(tmp_path, raw), tmp_path / "run", data=corpus_dir,
+        run_pipeline(write_config(tmp_path, raw), tmp_path / "run", data=corpus_dir,
                      checkpoint=full_run[0] / "fp" / "best.pt", command="x")
     assert not (tmp_path / "run").exists()
 
@@ -435,7 +340,7 @@ def test_the_command_exits_2_within_5_seconds(corpus_dir: Path, tmp_path: Path) 
     """The acceptance check of issue 14, as a user runs it: a typo in space.overrides."""
     raw = {**TINY, "train": {**TINY["train"], "epochs": 50, "max_steps_per_epoch": None},
            "space": {"bits": [1, 2, 4, 8], "overrides": [{"match": "layers.0.forget_gate.hhh", "bits": [8]}]}}
-    config = _write_config(tmp_path, raw)
+    config = write_config(tmp_path, raw)
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "nas.cli", "pipeline", str(config), "--out", str(tmp_path / "run"),
                            "--data", str(corpus_dir)], cwd=REPO, capture_output=True, text=True, timeout=120,
