@@ -123,8 +123,8 @@ def test_retrained_weights_lie_on_their_grids(method: str, kind: str, retrained:
     assert_on_grids(model, precision)
     projected = copy.deepcopy(pretrained_lms[kind])
     quantize_(projected, precision)
-    assert any(not torch.equal(v, projected.state_dict()[k]) for k, v in model.state_dict().items()), \
-        "retraining changed nothing but the projection onto the map"
+    moved = max(float((v - projected.state_dict()[k]).abs().max()) for k, v in model.state_dict().items())
+    assert moved > 1e-4, "retraining changed nothing but the projection onto the map"  # it moves by ~1e-2 here
     assert math.isfinite(evaluate(copy.deepcopy(model), lm_test_tokens)["loss"])
 
 
@@ -168,10 +168,13 @@ def test_packed_round_trip_is_bit_identical(method: str, kind: str, retrained: A
 
 
 @pytest.mark.parametrize("kind", LM_KINDS)
-def test_a_truncated_packed_file_is_refused(kind: str, lm_copy: Any, tmp_path: Path) -> None:
+def test_an_exported_fp_model_loads_back_and_a_truncated_file_is_refused(kind: str, lm_copy: Any,
+                                                                         tmp_path: Path) -> None:
     model = lm_copy(kind)
     path = tmp_path / "model.mpq"
     export(model, mixed_map(kind, model), path)
+    loaded, _ = load_packed(path, model=build_lm(kind, seed=7))  # FP weights: export quantized them in place
+    assert_same_state(model.state_dict(), loaded.state_dict(), f"{kind} through {path.name}")
     data = path.read_bytes()
     header_end = 16 + int.from_bytes(data[8:16], "little")
     skeleton = build_lm(kind, seed=7)

@@ -158,6 +158,8 @@ def test_search_leaves_the_model_as_it_was(name: str, kind: str, training: bool,
                                            lm_tokens: torch.Tensor) -> None:
     model = lm_copy(kind)
     model.train(training)
+    for i, p in enumerate(model.parameters()):  # gradients of the user's own, which a search must not touch
+        p.grad = torch.full_like(p, 0.5 + i)
     state, modes = snapshot(model)
     modules = [(n, type(m)) for n, m in model.named_modules()]
     params = [(n, p, p.requires_grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()]
