@@ -72,23 +72,6 @@ def test_readme_example_runs_on_plain_torch_lms(kind: str, strategy: str, pretra
     assert evaluate(model, test_tokens, precision=precision) == evaluate(loaded, test_tokens, precision=precision)
 
 
-@pytest.mark.parametrize("method", ["ste", "admm"])
-@pytest.mark.parametrize("kind", list(MODELS))
-def test_retrain_takes_a_model_and_a_method_config(kind: str, method: str, pretrained: dict, streams: tuple) -> None:
-    from nas.api import AdmmConfig, PrecisionMap, SteConfig, evaluate, retrain
-    from search_spaces.quant import quantize
-
-    model = copy.deepcopy(pretrained[kind])
-    precision = PrecisionMap.uniform(model, 2)
-    config = (SteConfig if method == "ste" else AdmmConfig)(epochs=1, max_steps_per_epoch=3, lr=0.1)
-    before = evaluate(model, streams[1])["ppl"]
-    assert retrain(model, precision, streams[0], config) is model
-    weight = model.decoder.weight.detach()
-    assert torch.equal(quantize(weight, 2).weight, weight)  # on its 2-bit table
-    assert model.training is False  # the mode it came in
-    assert evaluate(model, streams[1])["ppl"] != before
-
-
 def test_retrain_takes_batches_and_method_names(pretrained: dict, streams: tuple) -> None:
     from nas.api import PrecisionMap, retrain
 
@@ -117,23 +100,6 @@ def test_search_takes_names_budget_kinds_and_spaces(pretrained: dict, streams: t
         search(model, None, "uniform", streams[0])
     with pytest.raises(ValueError, match="unknown strategy"):
         search(model, None, "greedy", streams[0], budget=2.0)
-
-
-@pytest.mark.parametrize("strategy", ["kl", "hessian", "gumbel"])
-def test_the_verbs_take_mpnas_models_too(strategy: str, streams: tuple, tmp_path: Path) -> None:
-    """A Transformer whose context (16) is below the data section's window (64) runs on its own."""
-    from nas.api import HessianConfig, SteConfig, evaluate, export, load_packed, retrain, search, strategy_config
-    from search_spaces.models import TransformerConfig, TransformerLM
-
-    config = TransformerConfig(vocab_size=50, d_model=16, num_layers=1, num_heads=2, d_ff=32, context=16)
-    model = TransformerLM(config)
-    chosen = HessianConfig(hessian_batches=1, hessian_max_iters=30) if strategy == "hessian" else strategy
-    precision = search(model, {"bits": [2, 4]}, chosen, streams[0], budget=3.0)
-    assert precision.meta["strategy"] == strategy_config(chosen).name
-    retrain(model, precision, streams[0], SteConfig(epochs=1, max_steps_per_epoch=2))
-    export(model, precision, tmp_path / "ours.mpq")
-    loaded, _ = load_packed(tmp_path / "ours.mpq")  # an mpnas model is rebuilt from the header
-    assert evaluate(loaded, streams[1]) == evaluate(model, streams[1])
 
 
 def test_every_verb_and_config_imports_from_one_module() -> None:

@@ -296,7 +296,23 @@ def gumbel_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], t
 
     ``length`` is the BPTT length (LSTM) or context (Transformer). ``model`` is trained in place
     (its weights adapt to quantization during the search); pass a copy to keep the FP model.
+    The global RNG (the model's dropout) is seeded with ``settings.seed`` inside and restored
+    afterwards, so the map depends on the seed, not on what the caller drew before.
     """
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(settings.seed)
+        return _supernet_search(model, candidates, train_tokens, max_weight_bits=max_weight_bits, settings=settings,
+                                batch_size=batch_size, length=length, granularity=granularity, device=device,
+                                progress=progress, prototypes=prototypes)
+
+
+def _supernet_search(model: nn.Module, candidates: Mapping[str, tuple[int, ...]], train_tokens: torch.Tensor, *,
+                     max_weight_bits: float | None, settings: GumbelSettings, batch_size: int, length: int,
+                     granularity: str, device: torch.device, progress: bool,
+                     prototypes: Mapping[int, Mapping[str, torch.Tensor]] | None) -> PrecisionMap:
+    """:func:`gumbel_search` with the global RNG already seeded."""
     start_time = time.perf_counter()
     device = torch.device(device)
     model.to(device).train()
