@@ -30,7 +30,7 @@ from nas.core.checkpoint import load_checkpoint
 from nas.core.data import load_corpus, resolve_data_dir
 from nas.core.reference import load_reference, save_reference
 from nas.retrain.run import load_fp_checkpoint
-from search_spaces.models import build_model
+from search_spaces.models import restore_model
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -73,9 +73,7 @@ def slice_eval_settings(model: str) -> dict[str, int]:
 
 def slice_ppl(ckpt: dict[str, Any], tokens: torch.Tensor, start_token: int, settings: dict[str, int]) -> float:
     """Perplexity of the checkpoint's model on ``tokens`` with the given evaluation settings."""
-    config = dict(ckpt["config"])
-    net = build_model(config.pop("type"), **config)
-    net.load_state_dict(ckpt["model"])
+    net = restore_model(ckpt)
     return perplexity(net, tokens, start_token, device="cpu", **settings)["ppl"]
 
 

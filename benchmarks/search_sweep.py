@@ -53,7 +53,7 @@ from nas.retrain.distributed import DistInfo
 from nas.retrain.hooks import TrainingHooks
 from nas.retrain.loop import epoch_batches
 from nas.retrain.run import load_fp_checkpoint
-from search_spaces.models import build_model
+from search_spaces.models import restore_model
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {"lstm": "ptb_lstm", "transformer": "ptb_transformer"}
@@ -66,9 +66,7 @@ def fp_epoch_seconds(exp: object, corpus: object, ckpt: dict, steps: int = 30) -
     """Seconds of one FP training epoch: median step time on real batches x steps per epoch."""
     recurrent = exp.model_type == "lstm"
     all_batches = epoch_batches(exp, corpus, 0, DistInfo(), recurrent=recurrent)
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     times = time_hooks(model, TrainingHooks(), all_batches[: steps + 5])[5:]
     return statistics.median(times) * len(all_batches)
 

@@ -30,7 +30,7 @@ from nas.retrain.loop import epoch_batches
 from nas.retrain.run import load_fp_checkpoint, make_hooks
 from nas.search.gumbel import GumbelSupernet
 from search_spaces.clusters import find_clusters
-from search_spaces.models import build_model
+from search_spaces.models import restore_model
 from search_spaces.precision import PrecisionMap
 
 HERE = Path(__file__).resolve().parent
@@ -38,9 +38,7 @@ CONFIGS = {"lstm": "ptb_lstm", "transformer": "ptb_transformer"}
 
 
 def _fresh(ckpt: dict) -> torch.nn.Module:
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     return model
 
 

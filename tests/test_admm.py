@@ -14,7 +14,7 @@ from nas.core.checkpoint import load_checkpoint
 from nas.core.data import load_corpus
 from nas.retrain.run import retrain
 from search_spaces.clusters import cluster_weight, find_clusters
-from search_spaces.models import build_model
+from search_spaces.models import build_model, restore_model
 from search_spaces.precision import PrecisionMap
 from tests.synthetic import train_fp_run
 
@@ -32,9 +32,7 @@ def fp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _model_from(path: Path) -> torch.nn.Module:
     ckpt = load_checkpoint(path)
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     return model
 
 

@@ -21,7 +21,7 @@ from nas.core.data import Corpus, load_corpus
 from nas.core.reference import FORMAT_VERSION, is_reference, load_reference, save_reference
 from nas.pipeline.stages import checkpoint_hash
 from nas.retrain.run import load_fp_checkpoint
-from search_spaces.models import build_model, model_config_dict
+from search_spaces.models import build_model, model_config_dict, restore_model
 from tests.conftest import REPO, ptb_location
 
 TINY = {"lstm": {"embed_dim": 8, "hidden_dim": 8, "num_layers": 2},
@@ -85,9 +85,7 @@ def test_tied_weights_are_stored_once_and_restored(tmp_path: Path, name: str) ->
     loaded = load_reference(path)
     assert loaded["meta"]["aliases"] == {"decoder.weight": "embedding.weight"}
     assert loaded["model"]["decoder.weight"] is loaded["model"]["embedding.weight"]
-    config = dict(loaded["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(loaded["model"])
+    model = restore_model(loaded)
     assert model.decoder.weight is model.embedding.weight
     assert torch.equal(model.decoder.weight, ckpt["model"]["embedding.weight"])
 
@@ -236,9 +234,7 @@ def test_committed_reference(model: str) -> None:
     assert ckpt["config"]["type"] == model
     assert meta["command"].startswith(f"python benchmarks/fp_baselines.py --model {model}")
     assert math.isfinite(ckpt["valid_ppl"]) and math.isfinite(ckpt["test_ppl"])
-    config = dict(ckpt["config"])
-    net = build_model(config.pop("type"), **config)
-    net.load_state_dict(ckpt["model"])
+    net = restore_model(ckpt)
     if model == "transformer":
         assert net.decoder.weight is net.embedding.weight
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values())

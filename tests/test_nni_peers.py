@@ -33,7 +33,7 @@ from nas.core.checkpoint import load_checkpoint  # noqa: E402
 from nas.core.data import Corpus, load_corpus  # noqa: E402
 from nas.retrain.loop import train  # noqa: E402
 from search_spaces.clusters import find_clusters  # noqa: E402
-from search_spaces.models import build_model  # noqa: E402
+from search_spaces.models import restore_model  # noqa: E402
 from tests.synthetic import write_synthetic_corpus  # noqa: E402
 
 LSTM = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers": 1, "dropout": 0.1},
@@ -52,9 +52,7 @@ def _fp_model(root: Path, raw: dict[str, Any]) -> tuple[ExperimentConfig, Corpus
     exp, corpus = parse_config(raw), load_corpus(corpus_dir)
     train(exp, corpus, root / "fp", progress=False)
     ckpt = load_checkpoint(root / "fp" / "best.pt")
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     return exp, corpus, model, root / "fp" / "best.pt"
 
 

@@ -13,7 +13,7 @@ from nas.retrain.loop import train
 from nas.search.base import SearchData
 from nas.search.strategies import STRATEGIES, get_strategy
 from search_spaces.clusters import find_clusters
-from search_spaces.models import build_model
+from search_spaces.models import build_model, restore_model
 from search_spaces.precision import PrecisionMap
 from search_spaces.space import SearchSpace
 from tests.synthetic import write_synthetic_corpus
@@ -30,9 +30,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, 
     corpus = load_corpus(write_synthetic_corpus(root / "corpus"))
     train(parse_config(EXP), corpus, root / "fp", progress=False)
     best = torch.load(root / "fp" / "best.pt", weights_only=True)
-    config = dict(best["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(best["model"])
+    model = restore_model(best)
     return model, corpus
 
 

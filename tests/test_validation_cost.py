@@ -19,7 +19,7 @@ from nas.core.data import Corpus, load_corpus
 from nas.retrain.distributed import DistInfo
 from nas.retrain.loop import epoch_batches, train
 from nas.retrain.run import retrain
-from search_spaces.models import build_model
+from search_spaces.models import restore_model
 from search_spaces.precision import PrecisionMap
 
 EXP = {"model": {"type": "lstm", "embed_dim": 16, "hidden_dim": 16, "num_layers": 1, "dropout": 0.1},
@@ -48,9 +48,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[int]:
 
 def _model_from(path: Path) -> torch.nn.Module:
     ckpt = load_checkpoint(path)
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     return model
 
 

@@ -10,6 +10,7 @@ import torch
 
 from nas.config.sections import ConfigError
 from nas.core.errors import MpnasError
+from search_spaces.models import restore_model
 from search_spaces.space_parsing import SpaceError
 
 
@@ -28,7 +29,6 @@ def precision_beside(checkpoint: Path) -> Path:
 def load_any_model(path: Path) -> tuple[torch.nn.Module, dict[str, float], tuple[str, ...] | None]:
     """A model from a packed file or a checkpoint, with its size numbers and vocabulary."""
     from nas.retrain.run import load_fp_checkpoint
-    from search_spaces.models import build_model
     from search_spaces.packed import load_packed
     from search_spaces.precision import PrecisionMap
     from search_spaces.size import model_size
@@ -38,9 +38,7 @@ def load_any_model(path: Path) -> tuple[torch.nn.Module, dict[str, float], tuple
         size = {**model_size(model, precision), "packed_bytes": float(path.stat().st_size)}
         return model, size, None
     ckpt = load_fp_checkpoint(path)
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     precision_file = precision_beside(path)
     precision = PrecisionMap.load(precision_file) if precision_file.is_file() else PrecisionMap.uniform(model, 32)
     vocab = tuple(ckpt["vocab"]) if "vocab" in ckpt else None

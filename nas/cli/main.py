@@ -21,6 +21,7 @@ from nas.core.corpus_report import corpus_summary, describe_vocab_mismatch, form
 from nas.core.data import CorpusOptions, DataError, load_corpus, resolve_data_dir
 from nas.core.errors import UsageError
 from nas.core.threads import apply_threads
+from search_spaces.models import model_from_config, restore_model
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -90,12 +91,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     """Quantization-aware retraining (ADMM or STE) of an FP checkpoint at a precision map."""
     from nas.retrain.run import load_fp_checkpoint, resolve_precision, retrain
-    from search_spaces.models import build_model
 
     exp = load_config(args.config)
     corpus = load_corpus(resolve_data_dir(args.data or exp.data.path), exp.data.corpus_options())
-    config = dict(load_fp_checkpoint(args.checkpoint)["config"])
-    precision = resolve_precision(args.precision, build_model(config.pop("type"), **config))
+    precision = resolve_precision(args.precision, model_from_config(load_fp_checkpoint(args.checkpoint)["config"]))
     method = args.method or exp.retrain.method
     if args.init:
         exp = dataclasses.replace(exp, retrain=dataclasses.replace(exp.retrain, init=args.init))
@@ -133,13 +132,10 @@ def cmd_prototypes(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a checkpoint as a packed file at its precision map."""
     from nas.retrain.run import load_fp_checkpoint, resolve_precision
-    from search_spaces.models import build_model
     from search_spaces.packed import export_packed
 
     ckpt = load_fp_checkpoint(args.checkpoint)
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     spec = args.precision or str(Path(args.checkpoint).parent / "precision.yaml")
     precision = resolve_precision(spec, model)
     export_packed(model, precision, args.out)

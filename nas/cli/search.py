@@ -13,7 +13,7 @@ from nas.config.sections import STRATEGY_NAMES, ExperimentConfig, load_config
 from nas.core.corpus_report import corpus_summary, describe_vocab_mismatch, format_corpus_summary
 from nas.core.data import DataError, load_corpus, resolve_data_dir
 from nas.core.errors import UsageError
-from search_spaces.models import build_model
+from search_spaces.models import build_model, restore_model
 from search_spaces.space import BUDGET_KINDS, SearchSpace
 
 
@@ -35,9 +35,7 @@ def model_for(exp: ExperimentConfig, checkpoint: str | None, vocab_size: int | N
         from nas.retrain.run import load_fp_checkpoint
 
         ckpt = load_fp_checkpoint(checkpoint)
-        config = dict(ckpt["config"])
-        model = build_model(config.pop("type"), **config)
-        model.load_state_dict(ckpt["model"])
+        model = restore_model(ckpt)
         return model, ckpt
     kwargs = exp.model_kwargs()
     if vocab_size is not None:

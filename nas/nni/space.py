@@ -23,6 +23,7 @@ from nas.config.sections import (
 )
 from nas.config.sections import TUNERS as TUNERS
 from nas.config.sections import NniSettings as NniSettings
+from search_spaces.models import restore_model
 
 STRATEGIES = STRATEGY_NAMES
 # Types NNI's TPE, Random and Evolution tuners all accept.
@@ -165,12 +166,9 @@ def bits_space(exp: ExperimentConfig, checkpoint: str | Path) -> dict[str, dict[
 def model_from_checkpoint(checkpoint: str | Path) -> Any:
     """The FP model stored in an ``mpnas train`` checkpoint."""
     from nas.retrain.run import load_fp_checkpoint
-    from search_spaces.models import build_model
 
     ckpt = load_fp_checkpoint(checkpoint)
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     return model
 
 

@@ -41,6 +41,7 @@ import yaml
 from nas.core.console import configure_logging
 from nas.core.errors import MpnasError
 from nas.nni.space import SPEC_VERSION, config_budget, final_result, hparam_target, objective
+from search_spaces.models import restore_model
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +192,12 @@ def run_bits_trial(spec: Mapping[str, Any], params: Mapping[str, Any], run: Path
     from nas.retrain.distributed import DistInfo, resolve_device
     from nas.retrain.hooks import TrainingDivergedError
     from nas.retrain.run import load_fp_checkpoint, retrain
-    from search_spaces.models import build_model
     from search_spaces.space import BYTES_PER_MB, SearchSpace
 
     exp = load_config(spec["config"])
     corpus = load_corpus(Path(spec["data"]), exp.data.corpus_options())
     ckpt = load_fp_checkpoint(spec["checkpoint"], corpus)
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     space = SearchSpace.from_config(exp.space, exp.budget, model, exp.source)
     chosen = space.from_nni_params({**default_bits_params(space), **params})
     label = f"nni_{trial}"

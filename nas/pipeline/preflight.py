@@ -20,7 +20,7 @@ from torch import nn
 
 from nas.config.sections import ConfigError, ExperimentConfig, FieldError
 from nas.core.data import Corpus
-from search_spaces.models import build_model
+from search_spaces.models import build_model, restore_model
 from search_spaces.space import DEFAULT_BITS, Budget, SearchSpace
 from search_spaces.space_parsing import SpaceError
 
@@ -32,9 +32,7 @@ def experiment_model(exp: ExperimentConfig, corpus: Corpus, checkpoint: str | Pa
         from nas.retrain.run import load_fp_checkpoint  # nas.retrain.run pulls in the training loop
 
         ckpt = load_fp_checkpoint(checkpoint, corpus)
-        config = dict(ckpt["config"])
-        model = build_model(config.pop("type"), **config)
-        model.load_state_dict(ckpt["model"])
+        model = restore_model(ckpt)
         return model
     return build_model(exp.model_type, **{**exp.model_kwargs(), "vocab_size": len(corpus.vocab)})
 

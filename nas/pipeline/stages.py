@@ -37,7 +37,7 @@ from nas.retrain.prototype_store import load_prototypes, prototype_weights
 from nas.retrain.run import load_fp_checkpoint, retrain
 from nas.search.base import SearchData
 from nas.search.strategies import get_strategy
-from search_spaces.models import build_model
+from search_spaces.models import restore_model
 from search_spaces.packed import export_packed, load_packed
 from search_spaces.precision import PrecisionMap
 from search_spaces.quant import FULL_PRECISION
@@ -112,9 +112,7 @@ def corpus_hash(corpus: Corpus) -> str:
 def load_model(checkpoint: Path, corpus: Corpus | None = None) -> nn.Module:
     """The model stored in an mpnas checkpoint (vocabulary checked against ``corpus``)."""
     ckpt = load_fp_checkpoint(checkpoint, corpus)
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     return model
 
 

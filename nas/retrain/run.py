@@ -30,7 +30,7 @@ from nas.retrain.loop import _evaluate, train
 from nas.retrain.prototype_store import PrototypeError, load_prototypes, prototype_weights, read_index
 from nas.retrain.ste import QuantizedClusters, SteHooks
 from search_spaces.clusters import cluster_weight, find_clusters
-from search_spaces.models import build_model
+from search_spaces.models import build_model, restore_model
 from search_spaces.precision import PrecisionMap
 from search_spaces.quant import FULL_PRECISION
 from search_spaces.size import model_size
@@ -78,9 +78,7 @@ def make_distiller(cfg: RetrainSection, ckpt: dict[str, Any], device: str | None
     """The FP checkpoint as a frozen teacher when ``retrain.distill`` > 0, else None."""
     if cfg.distill <= 0:
         return None
-    config = dict(ckpt["config"])
-    teacher = build_model(config.pop("type"), **config)
-    teacher.load_state_dict(ckpt["model"])
+    teacher = restore_model(ckpt)
     teacher.to(resolve_device(device, dist_info_from_env()))
     return Distiller(teacher, cfg.distill, cfg.distill_temperature)
 
@@ -161,9 +159,7 @@ def _keep_projected_start_if_better(exp: ExperimentConfig, corpus: Corpus, ckpt:
     (a slice chose the retrained weights).
     """
     dev = resolve_device(device, dist_info_from_env())
-    config = dict(ckpt["config"])
-    start = build_model(config.pop("type"), **config)
-    start.load_state_dict(ckpt["model"])
+    start = restore_model(ckpt)
     start.to(dev)
     QuantizedClusters(start, precision).hard_project_(start)
     full = corpus.split("valid").numel()
@@ -199,9 +195,7 @@ def inherited_state(fp_checkpoint: str | Path, ckpt: dict[str, Any], precision: 
     if made_from and made_from != {file_sha256(Path(fp_checkpoint))}:
         raise PrototypeError(f"{prototypes}: its prototypes were made from another FP checkpoint than "
                              f"{fp_checkpoint}; build them from it with `mpnas prototypes`")
-    config = dict(ckpt["config"])
-    model = build_model(config.pop("type"), **config)
-    model.load_state_dict(ckpt["model"])
+    model = restore_model(ckpt)
     widths = sorted({b for b in precision.bits.values() if b < FULL_PRECISION})
     weights = prototype_weights(load_prototypes(prototypes, widths), model)
     clusters = find_clusters(model)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields
+from typing import Any
 
 from torch import nn
 
@@ -34,3 +36,16 @@ def model_config_dict(model: nn.Module) -> dict[str, object]:
         if isinstance(model, model_cls):
             return {"type": kind, **{f.name: getattr(model.config, f.name) for f in fields(config_cls)}}
     raise TypeError(f"not an mpnas model: {type(model).__name__}")
+
+
+def model_from_config(config: Mapping[str, Any]) -> nn.Module:
+    """The untrained model a checkpoint's ``config`` (``{"type": ..., **shape}``) describes."""
+    kwargs = dict(config)
+    return build_model(kwargs.pop("type"), **kwargs)
+
+
+def restore_model(ckpt: Mapping[str, Any]) -> nn.Module:
+    """The model of a loaded checkpoint: built from its ``config``, with its ``model`` weights."""
+    model = model_from_config(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    return model
