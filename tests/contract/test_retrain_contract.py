@@ -39,8 +39,8 @@ from nas.api import (
     quantize_,
     retrain,
 )
+from search_spaces.clusters import cluster_weight, find_clusters, find_leftovers
 from search_spaces.packed import PackedFileError
-from search_spaces.precision import cluster_weight, find_clusters, find_leftovers
 from search_spaces.quant import levels, quantize, quantize_affine
 from tests.contract.common import ambient_rng, assert_same_state, snapshot
 from tests.lms import LM_KINDS, build_lm

@@ -6,7 +6,7 @@ registered there) and the four tiny LMs of ``tests/lms.py``, through the library
 
 (a) the map names exactly the model's clusters, each at a width the space allows it (``bits``,
     ``overrides``, ``keep_fp``, ``min_bits``), with the space's granularity and leftover width,
-    and meets the budget as ``evaluators.size.model_size`` measures it;
+    and meets the budget as ``search_spaces.size.model_size`` measures it;
 (b) the same seed gives the same map (and the same evidence in ``meta``), whatever the global RNGs hold;
 (c) the model's state dict is bit-identical after a search, and so are its modules, parameters,
     gradients and every module's train/eval flag, from train mode and from eval mode; the map does
@@ -30,9 +30,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from evaluators.size import model_size
 from nas.api import STRATEGY_CONFIGS, PrecisionMap, StrategyConfig, make_space, search
-from search_spaces.precision import find_clusters
+from search_spaces.clusters import find_clusters
+from search_spaces.size import model_size
 from tests.contract.common import ambient_rng, assert_same_state, snapshot
 from tests.lms import LM_KINDS
 
