@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.plain_lms import PlainLSTM, PlainTransformer, pretrain, token_stream
+from tests.plain_lms import PlainLSTM, PlainTransformer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 STRATEGY_LINE = re.compile(r"^strategy = .*$", re.MULTILINE)
@@ -27,14 +28,15 @@ def readme_example() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-@pytest.fixture(scope="module")
-def streams() -> tuple[torch.Tensor, torch.Tensor]:
-    return token_stream(4000), token_stream(600, seed=1)
+@pytest.fixture()
+def streams(lm_tokens: torch.Tensor, lm_test_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return lm_tokens, lm_test_tokens
 
 
-@pytest.fixture(scope="module")
-def pretrained(streams: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.nn.Module]:
-    return {kind: pretrain(cls(), streams[0]) for kind, cls in MODELS.items()}
+@pytest.fixture()
+def pretrained(lm_copy: Callable[[str], torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    """The session's pretrained plain LMs (copies: the tests change them)."""
+    return {kind: lm_copy(f"plain_{kind}") for kind in MODELS}
 
 
 def test_readme_example_is_short_and_uses_one_import() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,24 +23,25 @@ from search_spaces.clusters import find_clusters
 from search_spaces.models import LSTMLM, from_torch_lstm
 from search_spaces.precision import PrecisionMap
 from search_spaces.space import SearchSpace
-from tests.plain_lms import VOCAB, PlainLSTM, PlainTransformer, pretrain, token_stream
+from tests.plain_lms import VOCAB, PlainLSTM, PlainTransformer, token_stream
 
 LSTM_GATES = [f"lstm.weight_{m}_l0.{g}_gate" for m in ("ih", "hh") for g in ("input", "forget", "cell", "output")]
 
 
-@pytest.fixture(scope="module")
-def stream() -> torch.Tensor:
-    return token_stream(2000)
+@pytest.fixture()
+def stream(lm_tokens: torch.Tensor) -> torch.Tensor:
+    return lm_tokens
 
 
-@pytest.fixture(scope="module")
-def lstm(stream: torch.Tensor) -> PlainLSTM:
-    return pretrain(PlainLSTM(), stream, steps=20)
+@pytest.fixture()
+def lstm(lm_copy: Callable[[str], torch.nn.Module]) -> PlainLSTM:
+    """The session's pretrained plain LSTM (a copy: tests may change it)."""
+    return lm_copy("plain_lstm")
 
 
-@pytest.fixture(scope="module")
-def transformer(stream: torch.Tensor) -> PlainTransformer:
-    return pretrain(PlainTransformer(), stream, steps=20)
+@pytest.fixture()
+def transformer(lm_copy: Callable[[str], torch.nn.Module]) -> PlainTransformer:
+    return lm_copy("plain_transformer")
 
 
 def _space(model: torch.nn.Module, avg_bits: float = 4.0) -> SearchSpace:
