@@ -270,10 +270,18 @@ def nni_quantize_train(model: nn.Module, method: str, bits: int, exp: Experiment
     quantizer = attach_nni(nni_model, method, bits, cfg, training_func, _training_step)
     quantizer.compress(total_steps, cfg.epochs)
     fp_step = _fp_step_seconds(model, exp, corpus, cfg, dev, min(fp_timing_steps, steps_per_epoch))
+    return _peer_result(model, f"nni_{method}", bits, cfg, steps_per_epoch, best, history, step_times, fp_step,
+                        exp, corpus, dev)
+
+
+def _peer_result(model: nn.Module, method: str, bits: int, cfg: RetrainSection, steps_per_epoch: int,
+                 best: dict[str, Any], history: list[dict[str, float]], step_times: list[float], fp_step: float,
+                 exp: ExperimentConfig, corpus: Corpus, dev: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The best epoch's quantized model and the metrics of a peer run (test ppl, levels, step times, sizes)."""
     quantized: nn.Module = best["model"]
     precision = PrecisionMap.uniform(quantized, bits)
     metrics = {
-        "method": f"nni_{method}", "bits": bits, "model": model_config_dict(model)["type"],
+        "method": method, "bits": bits, "model": model_config_dict(model)["type"],
         "epochs": cfg.epochs, "steps_per_epoch": steps_per_epoch, "best_epoch": best["epoch"],
         "valid_ppl": best["valid_ppl"], "test_ppl": _evaluate(quantized, exp, corpus, "test", dev),
         "levels_max": max(best["levels"].values()), "levels_limit": 2**bits - 1,

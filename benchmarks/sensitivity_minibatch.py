@@ -53,8 +53,8 @@ def flat_scores(precision: PrecisionMap) -> dict[tuple[str, str], float]:
     return {(c, b): float(s) for c, row in precision.meta["scores"].items() for b, s in row.items()}
 
 
-def main() -> None:
-    configure_logging()
+def _parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--data")
@@ -64,7 +64,12 @@ def main() -> None:
     parser.add_argument("--quantize-all", action="store_true",
                         help="empty the space's keep_fp, as the search sweep's --quantize-all does")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    configure_logging()
+    args = _parser().parse_args()
     torch.set_num_threads(args.threads)
     exp = load_config(CONFIGS[args.model])
     if args.quantize_all:

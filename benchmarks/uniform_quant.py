@@ -138,7 +138,8 @@ def measure_ratio(exp: object, corpus: object, ckpt: dict, precision: PrecisionM
     return (statistics.median(q_times) + extra) / statistics.median(fp_times)
 
 
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
+    """The command line of this benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4, 2, 1])
@@ -158,7 +159,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--tag", help="suffix of the rows' method name (e.g. a recipe variant given by --config), "
                         "so that they do not replace the plain method's rows")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = _parser().parse_args()
     configure_logging()  # the library's progress lines (epochs) on stdout
     if args.threads:
         torch.set_num_threads(args.threads)
