@@ -147,25 +147,7 @@ def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -
             entry["pieces"].append(_affine_piece(leftovers[group], precision.leftover_bits, rows, put))
             continue
         owners = sorted((c for k in keys for c in by_tensor.get(k, [])), key=lambda c: (c.rows or (0, rows))[0])
-        cursor = 0
-        for cluster in owners:
-            lo, hi = cluster.rows or (0, rows)
-            if lo > cursor:  # rows no cluster claims stay FP32
-                entry["pieces"].append(_fp32_piece(data[cursor:lo], (cursor, lo), put))
-            bits = int(precision.bits[cluster.name])
-            if bits >= FULL_PRECISION:
-                entry["pieces"].append(_fp32_piece(data[lo:hi], (lo, hi), put))
-            else:
-                result = results[cluster.name]
-                offset, nbytes = put(pack_codes(result.codes, bits))
-                scale_offset, scale_bytes = put(_scales_bytes(result.alpha))
-                entry["pieces"].append({"kind": "codes", "cluster": cluster.name, "bits": bits, "rows": [lo, hi],
-                                        "offset": offset, "nbytes": nbytes, "scale_offset": scale_offset,
-                                        "scale_count": scale_bytes // 4})
-            cursor = hi
-        if cursor < rows or not entry["pieces"]:
-            entry["pieces"].append(_fp32_piece(data.reshape(rows, -1)[cursor:] if data.dim() else data,
-                                               (cursor, rows), put))
+        entry["pieces"] += _row_pieces(data, rows, owners, precision, results, put)
     version = _AFFINE_VERSION if leftovers else 1
     header = {"format_version": version, "model": _model_header(model),
               "precision": precision.to_dict(), "tensors": entries, "payload_bytes": len(payload),
@@ -173,6 +155,31 @@ def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -
     blob = json.dumps(header, sort_keys=True).encode("utf-8")
     atomic_write_bytes(Path(path), MAGIC + struct.pack("<Q", len(blob)) + blob + bytes(payload))
     return header
+
+
+def _row_pieces(data: torch.Tensor, rows: int, owners: list[Cluster], precision: PrecisionMap,
+                results: dict[str, Any], put: Any) -> list[dict[str, Any]]:
+    """The pieces of one tensor, in row order: its clusters' codes (or FP32 at 32 bits), FP32 between."""
+    pieces: list[dict[str, Any]] = []
+    cursor = 0
+    for cluster in owners:
+        lo, hi = cluster.rows or (0, rows)
+        if lo > cursor:  # rows no cluster claims stay FP32
+            pieces.append(_fp32_piece(data[cursor:lo], (cursor, lo), put))
+        bits = int(precision.bits[cluster.name])
+        if bits >= FULL_PRECISION:
+            pieces.append(_fp32_piece(data[lo:hi], (lo, hi), put))
+        else:
+            result = results[cluster.name]
+            offset, nbytes = put(pack_codes(result.codes, bits))
+            scale_offset, scale_bytes = put(_scales_bytes(result.alpha))
+            pieces.append({"kind": "codes", "cluster": cluster.name, "bits": bits, "rows": [lo, hi],
+                           "offset": offset, "nbytes": nbytes, "scale_offset": scale_offset,
+                           "scale_count": scale_bytes // 4})
+        cursor = hi
+    if cursor < rows or not pieces:
+        pieces.append(_fp32_piece(data.reshape(rows, -1)[cursor:] if data.dim() else data, (cursor, rows), put))
+    return pieces
 
 
 def _model_header(model: nn.Module) -> dict[str, Any]:

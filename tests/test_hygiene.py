@@ -85,3 +85,27 @@ def test_pandas_is_not_a_runtime_dependency() -> None:
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] == "pandas" for n in names), path
+
+
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 60
+SIZED = ("nas", "evaluators", "search_spaces", "benchmarks", "tests")
+
+
+def _sized_files() -> list[Path]:
+    return sorted(p for folder in SIZED for p in (REPO / folder).rglob("*.py") if "runs" not in p.parts)
+
+
+def test_files_and_functions_stay_small() -> None:
+    """No file over 400 lines, no function (docstring included) over 60: small files with one job."""
+    too_long = []
+    for path in _sized_files():
+        text = path.read_text(encoding="utf-8")
+        rel = path.relative_to(REPO).as_posix()
+        if len(text.splitlines()) > MAX_FILE_LINES:
+            too_long.append(f"{rel}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{rel}:{node.lineno} {node.name}: {length} lines")
+    assert not too_long, "split these:\n" + "\n".join(too_long)
