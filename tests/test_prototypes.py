@@ -199,13 +199,14 @@ def test_hessian_traces_are_shared_by_both_modes(fp_run: tuple[Path, Path], tmp_
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The FP model's traces do not depend on the prototypes: the second mode reuses them (same
     scores as a run without the cache), and other batches (hessian_batches) compute new ones."""
-    import nas.search.strategies
+    import nas.search.table_strategies
 
     corpus_dir, fp = fp_run
     build_prototypes(parse_config(EXP), load_corpus(corpus_dir), fp, [1, 2, 4], tmp_path / "p")
     calls: list[int] = []
-    real = nas.search.strategies.hutchinson_traces
-    monkeypatch.setattr(nas.search.strategies, "hutchinson_traces", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = nas.search.table_strategies.hutchinson_traces
+    monkeypatch.setattr(nas.search.table_strategies, "hutchinson_traces",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     config = tmp_path / "exp.yaml"
 
     def search(out: str, *extra: str, batches: int = 1) -> PrecisionMap:
