@@ -38,6 +38,7 @@ failing on an unknown piece. This reader reads both.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -195,6 +196,51 @@ def _affine_piece(result: AffineResult, bits: int, rows: int, put: Any) -> dict[
             "scale_offset": scale_offset}
 
 
+def _parse_header(path: Path, head: bytes, file_size: int) -> tuple[dict[str, Any], int]:
+    """The checked header of a packed file and where its payload starts.
+
+    ``head`` holds at least the file's first 16 bytes and, when they are right, its whole header;
+    ``file_size`` is the file's length in bytes. Every failure is a :class:`PackedFileError`
+    naming ``path``. The payload's CRC is the caller's to check.
+    """
+    if file_size < 16 or len(head) < 16 or head[:8] != MAGIC:
+        raise PackedFileError(f"{path}: not an mpnas packed file (bad magic; expected {MAGIC!r})")
+    (header_len,) = struct.unpack("<Q", head[8:16])
+    if 16 + header_len > file_size or 16 + header_len > len(head):
+        raise PackedFileError(f"{path}: truncated: header of {header_len} bytes, file has {file_size}")
+    try:
+        header = json.loads(bytes(head[16 : 16 + header_len]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackedFileError(f"{path}: corrupted header ({exc})") from exc
+    if not isinstance(header, dict) or header.get("format_version") not in READ_VERSIONS:
+        version = header.get("format_version") if isinstance(header, dict) else None
+        raise PackedFileError(f"{path}: format_version {version!r} is not supported "
+                              f"(this mpnas reads {', '.join(map(str, READ_VERSIONS))}); upgrade mpnas")
+    payload_bytes = file_size - 16 - header_len
+    if payload_bytes != header.get("payload_bytes"):
+        raise PackedFileError(f"{path}: truncated or padded: payload has {payload_bytes} bytes, header says "
+                              f"{header.get('payload_bytes')}")
+    return header, 16 + header_len
+
+
+def read_packed_header(path: str | Path) -> tuple[dict[str, Any], int]:
+    """The checked header of a packed file and the offset of its payload, without reading the payload.
+
+    The payload's size is checked against the header; its CRC is not (that needs the payload).
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            head = handle.read(16)
+            if len(head) == 16 and head[:8] == MAGIC:
+                # never more than the file holds: a corrupted length must not allocate exabytes
+                head += handle.read(min(struct.unpack("<Q", head[8:16])[0], size - 16))
+    except OSError as exc:
+        raise PackedFileError(f"{path}: cannot read: {exc}") from exc
+    return _parse_header(path, head, size)
+
+
 def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a packed file into ``(header, state_dict)``; every failure names the file."""
     path = Path(path)
@@ -202,22 +248,8 @@ def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         raw = path.read_bytes()
     except OSError as exc:
         raise PackedFileError(f"{path}: cannot read: {exc}") from exc
-    if len(raw) < 16 or raw[:8] != MAGIC:
-        raise PackedFileError(f"{path}: not an mpnas packed file (bad magic; expected {MAGIC!r})")
-    (header_len,) = struct.unpack("<Q", raw[8:16])
-    if 16 + header_len > len(raw):
-        raise PackedFileError(f"{path}: truncated: header of {header_len} bytes, file has {len(raw)}")
-    try:
-        header = json.loads(raw[16 : 16 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackedFileError(f"{path}: corrupted header ({exc})") from exc
-    payload = raw[16 + header_len :]
-    if header.get("format_version") not in READ_VERSIONS:
-        raise PackedFileError(f"{path}: format_version {header.get('format_version')!r} is not supported "
-                              f"(this mpnas reads {', '.join(map(str, READ_VERSIONS))}); upgrade mpnas")
-    if len(payload) != header.get("payload_bytes"):
-        raise PackedFileError(f"{path}: truncated or padded: payload has {len(payload)} bytes, header says "
-                              f"{header.get('payload_bytes')}")
+    header, start = _parse_header(path, raw, len(raw))
+    payload = raw[start:]
     if zlib.crc32(payload) != header.get("payload_crc32"):
         raise PackedFileError(f"{path}: corrupted payload (CRC32 mismatch)")
     try:
@@ -267,14 +299,23 @@ def _decode_affine(piece: dict[str, Any], block: bytes, payload: bytes, count: i
     return dequantize_affine(codes, scale, low)
 
 
-def load_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, PrecisionMap]:
+def load_packed(path: str | Path, model: nn.Module | None = None, *, keep_packed: bool = False,
+                options: Any = None) -> tuple[nn.Module, PrecisionMap]:
     """The runnable model stored in a packed file, and its precision map.
 
     Without ``model`` the mpnas model the header describes is built. With ``model`` (a skeleton:
     the same architecture, any weights; a plain torch module or an mpnas model) its weights are
     overwritten in place with the file's and it is returned; a file of a plain torch module needs
     one. The map is checked against the model's clusters.
+
+    ``keep_packed=True`` keeps the quantized weights bit-packed in memory and dequantizes them
+    block by block inside the matmuls (:mod:`search_spaces.packed_runtime`; ``options``: its
+    ``PackedOptions``): the same logits in a fraction of the memory, inference only.
     """
+    if keep_packed:
+        from search_spaces.packed_runtime import load_packed_model  # imports this module
+
+        return load_packed_model(path, model, options)
     header, state = read_packed(path)
     config = dict(header.get("model") or {})
     if model is None and config.get("type") == PLAIN_MODULE:
