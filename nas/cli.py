@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -67,8 +68,10 @@ def _precision_beside(checkpoint: Path) -> Path:
     return checkpoint.parent / "precision.yaml"
 
 
-def _load_any_model(path: Path) -> tuple[torch.nn.Module, dict[str, float], tuple[str, ...] | None]:
-    """A model from a packed file or a checkpoint, with its size numbers and vocabulary."""
+def _load_any_model(path: Path, keep_packed: bool = False
+                    ) -> tuple[torch.nn.Module, dict[str, float], tuple[str, ...] | None]:
+    """A model from a packed file (its weights kept packed with ``keep_packed``) or a checkpoint, with its
+    size numbers and vocabulary."""
     from evaluators.size import model_size
     from nas.retrain import load_fp_checkpoint
     from search_spaces.models import build_model
@@ -76,8 +79,13 @@ def _load_any_model(path: Path) -> tuple[torch.nn.Module, dict[str, float], tupl
     from search_spaces.precision import PrecisionMap
 
     if _is_packed(path):
-        model, precision = load_packed(path)
-        size = {**model_size(model, precision), "packed_bytes": float(path.stat().st_size)}
+        model, precision = load_packed(path, keep_packed=keep_packed)
+        if keep_packed:
+            from search_spaces.packed_runtime import packed_model_size
+
+            size = {**packed_model_size(path), "packed_bytes": float(path.stat().st_size)}
+        else:
+            size = {**model_size(model, precision), "packed_bytes": float(path.stat().st_size)}
         return model, size, None
     ckpt = load_fp_checkpoint(path)
     config = dict(ckpt["config"])
@@ -99,8 +107,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.nbest:
         from nas.nbest_cli import run_nbest
 
-        return run_nbest(args, _load_any_model)
-    model, size, vocab = _load_any_model(path)
+        return run_nbest(args, functools.partial(_load_any_model, keep_packed=args.keep_packed))
+    model, size, vocab = _load_any_model(path, keep_packed=args.keep_packed)
     corpus = load_corpus(resolve_data_dir(args.data), CorpusOptions(blank_lines=args.blank_lines))
     if vocab is not None and vocab != corpus.vocab.words:
         raise DataError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}: "
@@ -250,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blank-lines", choices=["eos", "skip"], default="eos",
                    help="a blank corpus line is one <eos> (default, as the LM benchmarks count) or no token")
     p.add_argument("--json", action="store_true", help="also print the numbers as JSON")
+    p.add_argument("--keep-packed", action="store_true",
+                   help="run a packed .mpq file from its packed low-bit weights (a fraction of the memory, same "
+                        "logits; ignored for checkpoints)")
     add_nbest_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from nas.errors import MpnasError
-from search_spaces.packed_runtime.tensor import PackedTensor
+from search_spaces.packed_runtime.tensor import MIN_BLOCK_ROWS, PackedTensor
 
 
 class PackedModelError(MpnasError):
@@ -38,12 +38,14 @@ _TRAIN_MESSAGE = ("a model loaded with keep_packed=True is inference-only (its w
 class PackedOptions:
     """How packed modules compute.
 
-    ``block_bytes``: float32 bytes of weight dequantized at once (a block of rows of one piece);
-    the peak extra memory of a matmul. ``recurrent``: how an LSTM's recurrent matrix is used at
-    every time step: ``"matrix"`` (default) dequantizes the layer's ``[4H, H]`` matrix once per
-    forward call and frees it after the layer (transient: one matrix, the speed of the FP model);
-    ``"blocks"`` dequantizes it a block at a time at every step (peak extra memory one block,
-    but every step pays the unpacking again: several times slower).
+    ``block_bytes``: float32 bytes of weight dequantized at once (a block of rows of one piece, at
+    least :data:`MIN_BLOCK_ROWS` rows); the peak extra memory of a matmul.
+
+    ``recurrent``: how an LSTM's recurrent matrix is used at every time step. ``"matrix"``
+    (default) dequantizes the layer's ``[4H, H]`` matrix once per forward call and frees it when
+    the layer returns (transient: one matrix, 640 KB for H=200; the FP model's speed);
+    ``"blocks"`` dequantizes it a block at a time at every step (peak extra memory one block, but
+    every step pays the unpacking again: several times slower).
     """
 
     block_bytes: int = 1 << 18
@@ -56,8 +58,8 @@ class PackedOptions:
             raise ValueError(f"PackedOptions.recurrent must be 'matrix' or 'blocks', got {self.recurrent!r}")
 
     def block_rows(self, cols: int) -> int:
-        """Rows of ``cols`` float32 values per block (at least one)."""
-        return max(1, self.block_bytes // (4 * max(cols, 1)))
+        """Rows of ``cols`` float32 values per block (at least :data:`MIN_BLOCK_ROWS`)."""
+        return max(MIN_BLOCK_ROWS, self.block_bytes // (4 * max(cols, 1)))
 
 
 class PackedModule(nn.Module):

@@ -22,7 +22,7 @@ from search_spaces.packed import PackedFileError, read_packed_header, unpack_uns
 from search_spaces.packed_runtime.tensor import PackedPiece, PackedTensor, byte_table, code_values
 from search_spaces.quant import SUPPORTED_BITS, dequantize_affine
 
-_CODE_BITS = tuple(b for b in SUPPORTED_BITS if b < 16)  # widths a "codes" piece can have
+_CODE_BITS = tuple(b for b in SUPPORTED_BITS if b <= 16)  # widths a "codes" piece can have
 
 
 @dataclass
@@ -156,7 +156,8 @@ def _finish_tensor(entry: dict[str, Any], pieces: list[tuple[dict[str, Any], lis
             continue
         bits = int(piece["bits"])
         if bits not in tables:
-            tables[bits] = byte_table(bits) if 8 % bits == 0 else code_values(bits)
+            tables[bits] = (byte_table(bits) if 8 % bits == 0 else code_values(bits) if bits < 16
+                            else torch.empty(0))  # 16 bits decode arithmetically
         scales = torch.from_numpy(np.frombuffer(own[1].data, dtype="<f4").copy())
         if scales.numel() not in (1, hi - lo):
             raise ValueError(f"tensor {entry['name']}: {scales.numel()} scales for {hi - lo} rows")
