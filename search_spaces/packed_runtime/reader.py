@@ -27,7 +27,11 @@ _CODE_BITS = tuple(b for b in SUPPORTED_BITS if b <= 16)  # widths a "codes" pie
 
 @dataclass
 class PackedContents:
-    """A packed file in memory: packed tensors and the float32 ones, by state-dict key (aliases included)."""
+    """A packed file in memory: packed tensors and the float32 ones, by state-dict key (aliases included).
+
+    ``header`` is the file's header without its ``tensors`` table (consumed here; its Python objects
+    would otherwise stay alive next to the model: 0.2 MB for the PTB Transformer's 100 tensors).
+    """
 
     header: dict[str, Any]
     packed: dict[str, PackedTensor] = field(default_factory=dict)
@@ -102,6 +106,7 @@ def read_packed_contents(path: str | Path) -> PackedContents:
             _finish_tensor(entry, pieces, header["format_version"], tables, contents)
     except (KeyError, TypeError, ValueError) as exc:
         raise PackedFileError(f"{path}: malformed tensor table ({exc})") from exc
+    del header["tensors"], plans, regions
     return contents
 
 
