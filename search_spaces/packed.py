@@ -1,38 +1,7 @@
-"""Packed model files: low-bit codes stored at their real width, no pickle.
+"""Writing and loading packed model files (``.mpq``): :func:`export_packed`, :func:`load_packed`.
 
-Layout of a ``.mpq`` file (all integers little-endian):
-
-====================  =====================================================================
-bytes                 content
-====================  =====================================================================
-8                     magic ``b"MPNASPK1"``
-8                     ``H``: length of the JSON header in bytes (uint64)
-H                     JSON header (UTF-8), see below
-rest                  payload: the byte blocks the header points at, back to back
-====================  =====================================================================
-
-The header holds ``format_version``, ``model`` (the config :func:`build_model` takes),
-``precision`` (the precision map as a dict), ``payload_bytes``, ``payload_crc32`` and
-``tensors``: one entry per state-dict tensor (tied tensors once, with ``aliases``), each a
-list of ``pieces`` covering its rows in order. A piece is one of:
-
-- ``{"kind": "fp32", "rows", "offset", "nbytes"}``: raw float32.
-- ``{"kind": "codes", "cluster", "bits", "rows", "offset", "nbytes", "scale_offset",
-  "scale_count"}``: ``numel`` codes bit-packed at ``bits`` bits each (code ``q`` stored as
-  ``q + qmax``, or ``(q + 1) / 2`` at 1 bit, least significant bit first) followed by
-  ``scale_count`` float32 scales (one per cluster, or one per row at row granularity).
-  Dequantization is ``codes * scale`` exactly as :func:`search_spaces.quant.dequantize`
-  computes it, so a reload is bit-identical.
-- ``{"kind": "affine", "bits", "rows", "offset", "nbytes", "scale_offset"}`` (format 2): a
-  leftover tensor (bias, LayerNorm; the map's ``leftover_bits``) as ``numel`` unsigned codes,
-  uint8 at 8 bits or little-endian uint16 at 16, and at ``scale_offset`` two float32, the
-  scale and the minimum ``low``; the value is ``low + scale * code`` exactly as
-  :func:`search_spaces.quant.dequantize_affine` computes it.
-
-``format_version`` is the lowest version that describes the file: 1 without affine pieces
-(the files of every earlier mpnas, still written that way so they stay readable by it), 2 with
-them, so an older reader refuses a file it cannot decode with a clear message instead of
-failing on an unknown piece. This reader reads both.
+The file layout, and reading it back to tensors: :mod:`search_spaces.packed_format`. Loading with
+``keep_packed`` keeps the codes packed in memory: :mod:`search_spaces.packed_runtime`.
 """
 
 from __future__ import annotations
@@ -43,63 +12,26 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from nas.core.atomic import atomic_write_bytes
-from nas.core.errors import MpnasError
 from search_spaces.apply import quantize_all_
 from search_spaces.clusters import Cluster, find_clusters
-from search_spaces.models import build_model, model_config_dict
+from search_spaces.models import model_config_dict, model_from_config
 from search_spaces.models.protocol import unwrap
+from search_spaces.packed_format import (
+    AFFINE_VERSION,
+    MAGIC,
+    PLAIN_MODULE,
+    PackedFileError,
+    pack_codes,
+    pack_unsigned,
+    read_packed,
+)
+from search_spaces.packed_runtime import load_packed_model
 from search_spaces.precision import PrecisionMap
-from search_spaces.quant import FULL_PRECISION, AffineResult, dequantize, dequantize_affine, qmax
-
-MAGIC = b"MPNASPK1"
-FORMAT_VERSION = 2  # the newest layout this module reads and writes
-READ_VERSIONS = (1, 2)
-_AFFINE_VERSION = 2  # first format with "affine" pieces
-PLAIN_MODULE = "module"  # the header's model type of a plain torch module (no config to rebuild it from)
-_UNSIGNED = {8: np.dtype("<u1"), 16: np.dtype("<u2")}  # storage of affine codes by bit width
-
-
-class PackedFileError(MpnasError):
-    """A packed file is truncated, corrupted or not a packed file; the message names it."""
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
-    """Bit-pack integer codes at ``bits`` bits each (LSB first)."""
-    flat = codes.detach().cpu().reshape(-1).to(torch.int64).numpy()
-    unsigned = (flat + 1) // 2 if bits == 1 else flat + qmax(bits)
-    bit_matrix = ((unsigned[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
-    return np.packbits(bit_matrix.reshape(-1), bitorder="little").tobytes()
-
-
-def unpack_codes(payload: bytes, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``count`` signed codes as int64."""
-    if len(payload) * 8 < bits * count:
-        raise PackedFileError(f"{count} codes of {bits} bits need {(bits * count + 7) // 8} bytes, "
-                              f"got {len(payload)}")
-    bit_array = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=bits * count, bitorder="little")
-    unsigned = (bit_array.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
-    signed = unsigned * 2 - 1 if bits == 1 else unsigned - qmax(bits)
-    return torch.from_numpy(signed)
-
-
-def pack_unsigned(codes: torch.Tensor, bits: int) -> bytes:
-    """Unsigned affine codes as uint8 (8 bits) or little-endian uint16 (16 bits)."""
-    return codes.detach().cpu().reshape(-1).numpy().astype(_UNSIGNED[bits]).tobytes()
-
-
-def unpack_unsigned(payload: bytes, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_unsigned`: ``count`` codes as int32."""
-    dtype = _UNSIGNED.get(bits)
-    if dtype is None:
-        raise PackedFileError(f"affine codes of {bits} bits are not supported; expected one of {sorted(_UNSIGNED)}")
-    if len(payload) < dtype.itemsize * count:
-        raise PackedFileError(f"{count} codes of {bits} bits need {dtype.itemsize * count} bytes, got {len(payload)}")
-    return torch.from_numpy(np.frombuffer(payload, dtype=dtype, count=count).astype(np.int32))
+from search_spaces.quant import FULL_PRECISION, AffineResult
 
 
 def _state_key(cluster: Cluster) -> str:
@@ -148,7 +80,7 @@ def export_packed(model: nn.Module, precision: PrecisionMap, path: str | Path) -
             continue
         owners = sorted((c for k in keys for c in by_tensor.get(k, [])), key=lambda c: (c.rows or (0, rows))[0])
         entry["pieces"] += _row_pieces(data, rows, owners, precision, results, put)
-    version = _AFFINE_VERSION if leftovers else 1
+    version = AFFINE_VERSION if leftovers else 1
     header = {"format_version": version, "model": _model_header(model),
               "precision": precision.to_dict(), "tensors": entries, "payload_bytes": len(payload),
               "payload_crc32": zlib.crc32(payload)}
@@ -203,86 +135,21 @@ def _affine_piece(result: AffineResult, bits: int, rows: int, put: Any) -> dict[
             "scale_offset": scale_offset}
 
 
-def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a packed file into ``(header, state_dict)``; every failure names the file."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PackedFileError(f"{path}: cannot read: {exc}") from exc
-    if len(raw) < 16 or raw[:8] != MAGIC:
-        raise PackedFileError(f"{path}: not an mpnas packed file (bad magic; expected {MAGIC!r})")
-    (header_len,) = struct.unpack("<Q", raw[8:16])
-    if 16 + header_len > len(raw):
-        raise PackedFileError(f"{path}: truncated: header of {header_len} bytes, file has {len(raw)}")
-    try:
-        header = json.loads(raw[16 : 16 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackedFileError(f"{path}: corrupted header ({exc})") from exc
-    payload = raw[16 + header_len :]
-    if header.get("format_version") not in READ_VERSIONS:
-        raise PackedFileError(f"{path}: format_version {header.get('format_version')!r} is not supported "
-                              f"(this mpnas reads {', '.join(map(str, READ_VERSIONS))}); upgrade mpnas")
-    if len(payload) != header.get("payload_bytes"):
-        raise PackedFileError(f"{path}: truncated or padded: payload has {len(payload)} bytes, header says "
-                              f"{header.get('payload_bytes')}")
-    if zlib.crc32(payload) != header.get("payload_crc32"):
-        raise PackedFileError(f"{path}: corrupted payload (CRC32 mismatch)")
-    try:
-        state = {}
-        for entry in header["tensors"]:
-            tensor = _decode_tensor(entry, payload, header["format_version"])
-            for name in [entry["name"], *entry["aliases"]]:
-                state[name] = tensor
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PackedFileError(f"{path}: malformed tensor table ({exc})") from exc
-    return header, state
-
-
-def _decode_tensor(entry: dict[str, Any], payload: bytes, version: int) -> torch.Tensor:
-    shape = entry["shape"]
-    rows = shape[0] if shape else 1
-    parts = []
-    for piece in entry["pieces"]:
-        block = payload[piece["offset"] : piece["offset"] + piece["nbytes"]]
-        lo, hi = piece["rows"]
-        count = (hi - lo) * (int(np.prod(shape[1:])) if len(shape) > 1 else 1)
-        if piece["kind"] == "fp32":
-            parts.append(torch.from_numpy(np.frombuffer(block, dtype=np.float32, count=count).copy()))
-        elif piece["kind"] == "codes":
-            codes = unpack_codes(block, piece["bits"], count)
-            start = piece["scale_offset"]
-            scales = torch.from_numpy(np.frombuffer(payload[start : start + 4 * piece["scale_count"]],
-                                                    dtype=np.float32).copy())
-            sub_shape = [hi - lo, *shape[1:]] if shape else []
-            alpha = scales.reshape([] if piece["scale_count"] == 1 else [hi - lo] + [1] * (len(shape) - 1))
-            parts.append(dequantize(codes.reshape(sub_shape), alpha).reshape(-1))
-        elif piece["kind"] == "affine" and version >= _AFFINE_VERSION:
-            parts.append(_decode_affine(piece, block, payload, count))
-        else:
-            raise ValueError(f"unknown piece kind {piece['kind']!r} in tensor {entry['name']}")
-    flat = torch.cat(parts) if parts else torch.zeros(0)
-    if flat.numel() != int(np.prod(shape)) or rows == 0 and shape:
-        raise ValueError(f"tensor {entry['name']} decodes to {flat.numel()} values, shape {shape} needs "
-                         f"{int(np.prod(shape))}")
-    return flat.reshape(shape)
-
-
-def _decode_affine(piece: dict[str, Any], block: bytes, payload: bytes, count: int) -> torch.Tensor:
-    codes = unpack_unsigned(block, piece["bits"], count)
-    start = piece["scale_offset"]
-    scale, low = torch.from_numpy(np.frombuffer(payload[start : start + 8], dtype=np.float32, count=2).copy())
-    return dequantize_affine(codes, scale, low)
-
-
-def load_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, PrecisionMap]:
+def load_packed(path: str | Path, model: nn.Module | None = None, *, keep_packed: bool = False,
+                options: Any = None) -> tuple[nn.Module, PrecisionMap]:
     """The runnable model stored in a packed file, and its precision map.
 
     Without ``model`` the mpnas model the header describes is built. With ``model`` (a skeleton:
     the same architecture, any weights; a plain torch module or an mpnas model) its weights are
     overwritten in place with the file's and it is returned; a file of a plain torch module needs
     one. The map is checked against the model's clusters.
+
+    ``keep_packed=True`` keeps the quantized weights bit-packed in memory and dequantizes them
+    block by block inside the matmuls (:mod:`search_spaces.packed_runtime`; ``options``: its
+    ``PackedOptions``): the same logits in a fraction of the memory, inference only.
     """
+    if keep_packed:
+        return load_packed_model(path, model, options)
     header, state = read_packed(path)
     config = dict(header.get("model") or {})
     if model is None and config.get("type") == PLAIN_MODULE:
@@ -290,7 +157,7 @@ def load_packed(path: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
                               "an mpnas model; pass model= a skeleton of that module to fill")
     try:
         if model is None:
-            model = build_model(config.pop("type"), **config)
+            model = model_from_config(config)
         model.load_state_dict(state)
         precision = PrecisionMap.from_dict(header["precision"])
         precision.validate(model)

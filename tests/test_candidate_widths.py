@@ -14,7 +14,8 @@ from nas.search.base import SearchData
 from nas.search.strategies import get_strategy
 from search_spaces.apply import quantize_
 from search_spaces.models import build_model
-from search_spaces.packed import export_packed, load_packed, read_packed
+from search_spaces.packed import export_packed, load_packed
+from search_spaces.packed_format import read_packed
 from search_spaces.precision import PrecisionMap
 from search_spaces.space import DEFAULT_BITS, SearchSpace
 from search_spaces.space_parsing import SpaceError

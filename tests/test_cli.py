@@ -119,7 +119,7 @@ def _user_error_types() -> list[type[Exception]]:
     from nas.pipeline.state import PipelineError
     from nas.retrain.hooks import TrainingDivergedError
     from nas.retrain.prototype_store import PrototypeError
-    from search_spaces.packed import PackedFileError
+    from search_spaces.packed_format import PackedFileError
     from search_spaces.precision import PrecisionMapError
     from search_spaces.space_parsing import SpaceError
 

@@ -65,7 +65,7 @@ def test_user_errors_share_one_base_class() -> None:
     from nas.pipeline.state import PipelineError
     from nas.retrain.hooks import TrainingDivergedError
     from nas.retrain.prototype_store import PrototypeError
-    from search_spaces.packed import PackedFileError
+    from search_spaces.packed_format import PackedFileError
     from search_spaces.precision import PrecisionMapError
 
     for kind in (UsageError, CheckpointError, DataError, PackedFileError, PrecisionMapError, PrototypeError,

@@ -21,7 +21,8 @@ from nas.search.strategies import get_strategy
 from search_spaces.apply import fake_quantize_, quantize_, quantize_all_, remove_fake_quantize_
 from search_spaces.clusters import find_clusters, find_leftovers
 from search_spaces.models import build_model
-from search_spaces.packed import PackedFileError, export_packed, load_packed, read_packed
+from search_spaces.packed import export_packed, load_packed
+from search_spaces.packed_format import PackedFileError, read_packed
 from search_spaces.precision import LEFTOVER_BITS, PrecisionMap
 from search_spaces.quant import dequantize_affine, quantize_affine
 from search_spaces.size import model_size

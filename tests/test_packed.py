@@ -10,7 +10,8 @@ import torch
 from evaluators.perplexity import perplexity
 from search_spaces.clusters import find_clusters
 from search_spaces.models import build_model
-from search_spaces.packed import PackedFileError, export_packed, load_packed, pack_codes, unpack_codes
+from search_spaces.packed import export_packed, load_packed
+from search_spaces.packed_format import PackedFileError, pack_codes, unpack_codes
 from search_spaces.precision import PrecisionMap
 from search_spaces.quant import qmax
 from search_spaces.size import model_size

@@ -173,7 +173,8 @@ def test_supernet_assembles_fused_parameters_from_their_clusters(lstm: PlainLSTM
 
 def test_export_packed_and_load_packed_into_a_skeleton(lstm: PlainLSTM, tmp_path: Path) -> None:
     """Was: export_packed raised 'not an mpnas model'."""
-    from search_spaces.packed import PackedFileError, export_packed, load_packed, read_packed
+    from search_spaces.packed import export_packed, load_packed
+    from search_spaces.packed_format import PackedFileError, read_packed
 
     model = copy.deepcopy(lstm)
     precision = PrecisionMap.uniform(model, 3, leftover_bits=8)

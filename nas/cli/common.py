@@ -15,7 +15,7 @@ from search_spaces.space_parsing import SpaceError
 
 
 def is_packed(path: Path) -> bool:
-    from search_spaces.packed import MAGIC
+    from search_spaces.packed_format import MAGIC
 
     with path.open("rb") as handle:
         return handle.read(len(MAGIC)) == MAGIC
@@ -26,16 +26,23 @@ def precision_beside(checkpoint: Path) -> Path:
     return checkpoint.parent / "precision.yaml"
 
 
-def load_any_model(path: Path) -> tuple[torch.nn.Module, dict[str, float], tuple[str, ...] | None]:
-    """A model from a packed file or a checkpoint, with its size numbers and vocabulary."""
+def load_any_model(path: Path, keep_packed: bool = False
+                   ) -> tuple[torch.nn.Module, dict[str, float], tuple[str, ...] | None]:
+    """A model from a packed file (its weights kept packed with ``keep_packed``) or a checkpoint, with its
+    size numbers and vocabulary."""
     from nas.retrain.run import load_fp_checkpoint
     from search_spaces.packed import load_packed
     from search_spaces.precision import PrecisionMap
     from search_spaces.size import model_size
 
     if is_packed(path):
-        model, precision = load_packed(path)
-        size = {**model_size(model, precision), "packed_bytes": float(path.stat().st_size)}
+        model, precision = load_packed(path, keep_packed=keep_packed)
+        if keep_packed:
+            from search_spaces.packed_runtime import packed_model_size
+
+            size = {**packed_model_size(path), "packed_bytes": float(path.stat().st_size)}
+        else:
+            size = {**model_size(model, precision), "packed_bytes": float(path.stat().st_size)}
         return model, size, None
     ckpt = load_fp_checkpoint(path)
     model = restore_model(ckpt)

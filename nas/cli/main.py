@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -58,8 +59,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.nbest:
         from nas.cli.nbest import run_nbest
 
-        return run_nbest(args, load_any_model)
-    model, size, vocab = load_any_model(path)
+        return run_nbest(args, functools.partial(load_any_model, keep_packed=args.keep_packed))
+    model, size, vocab = load_any_model(path, keep_packed=args.keep_packed)
     corpus = load_corpus(resolve_data_dir(args.data), CorpusOptions(blank_lines=args.blank_lines))
     if vocab is not None and vocab != corpus.vocab.words:
         raise DataError(f"{path}: its vocabulary differs from the corpus in {corpus.folder}: "
@@ -228,6 +229,9 @@ def _add_model_parsers(sub: Any) -> None:
     p.add_argument("--blank-lines", choices=["eos", "skip"], default="eos",
                    help="a blank corpus line is one <eos> (default, as the LM benchmarks count) or no token")
     p.add_argument("--json", action="store_true", help="also print the numbers as JSON")
+    p.add_argument("--keep-packed", action="store_true",
+                   help="run a packed .mpq file from its packed low-bit weights (a fraction of the memory, same "
+                        "logits; ignored for checkpoints)")
     add_nbest_arguments(p)
     _add_common(p)
     p.set_defaults(func=cmd_evaluate)

@@ -40,7 +40,7 @@ from nas.api import (
     retrain,
 )
 from search_spaces.clusters import cluster_weight, find_clusters, find_leftovers
-from search_spaces.packed import PackedFileError
+from search_spaces.packed_format import PackedFileError
 from search_spaces.quant import levels, quantize, quantize_affine
 from tests.contract.common import ambient_rng, assert_same_state, snapshot
 from tests.lms import LM_KINDS, build_lm
