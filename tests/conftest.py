@@ -14,6 +14,7 @@ from torch import nn
 
 from tests.lms import LM_KINDS, pretrained_lm
 from tests.nni_fixtures import nni_fp  # noqa: F401 (a fixture: the NNI test files' FP checkpoint)
+from tests.pipeline_helpers import corpus_dir  # noqa: F401 (a fixture)
 from tests.plain_lms import token_stream
 from tests.synthetic import write_synthetic_corpus
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+
+from tests.synthetic import write_synthetic_corpus
 
 TINY: dict[str, Any] = {
     "model": {"type": "lstm", "embed_dim": 8, "hidden_dim": 8, "num_layers": 1},
@@ -31,3 +34,19 @@ def ran_stages(lines: list[str]) -> set[str]:
     """Stages a run executed, from its progress lines ``[i/n] retrain kl_b2: done in 0.1 s``."""
     done = [line.split("] ", 1)[1].rsplit(": done in", 1)[0] for line in lines if ": done in" in line]
     return {name.replace(" ", "/") for name in done}
+
+
+def run_tiny(root: Path, raw: dict[str, Any], corpus_dir: Path) -> list[str]:
+    """Run the pipeline of ``raw`` into ``root/run``; its progress lines."""
+    from nas.pipeline.runner import run_pipeline
+
+    lines: list[str] = []
+    run_pipeline(write_config(root, raw), root / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml",
+                 log=lines.append)
+    return lines
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic corpus the pipeline tests run on (one per session; a test file may define its own)."""
+    return write_synthetic_corpus(tmp_path_factory.mktemp("pipeline") / "corpus")

@@ -24,8 +24,7 @@ from nas.pipeline.stages import ROW_KEYS
 from nas.pipeline.state import PipelineError, read_rows
 from search_spaces.packed import load_packed
 from search_spaces.precision import PrecisionMap
-from tests.pipeline_helpers import TINY, ran_stages, write_config
-from tests.synthetic import write_synthetic_corpus
+from tests.pipeline_helpers import TINY, ran_stages, run_tiny, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"kl_b2", "kl_b4", "gumbel_b2", "gumbel_b4", "uniform_b2", "uniform_b4"}
@@ -42,18 +41,10 @@ def _csv_without_times(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_corpus(tmp_path_factory.mktemp("pipeline") / "corpus")
-
-
-@pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> tuple[Path, list[str]]:
     """One complete tiny pipeline (kl and gumbel at 2 and 4 bits, plus uniform), and its progress lines."""
     root = tmp_path_factory.mktemp("full")
-    lines: list[str] = []
-    run_pipeline(write_config(root, TINY), root / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml",
-                 log=lines.append)
-    return root / "run", lines
+    return root / "run", run_tiny(root, TINY, corpus_dir)
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:

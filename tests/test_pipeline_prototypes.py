@@ -14,8 +14,7 @@ from nas.pipeline.runner import run_pipeline
 from nas.pipeline.state import read_rows
 from nas.retrain.prototype_store import PrototypeError
 from search_spaces.precision import PrecisionMap
-from tests.pipeline_helpers import TINY, ran_stages, write_config
-from tests.synthetic import write_synthetic_corpus
+from tests.pipeline_helpers import TINY, ran_stages, run_tiny, write_config
 
 RAW: dict[str, Any] = {**TINY, "retrain": {**TINY["retrain"], "init": "inherited"}, "space": {"bits": [1, 2, 4]},
                        "search": {**TINY["search"], "hessian_batches": 1, "hessian_max_iters": 40},
@@ -23,18 +22,10 @@ RAW: dict[str, Any] = {**TINY, "retrain": {**TINY["retrain"], "init": "inherited
 
 
 @pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_synthetic_corpus(tmp_path_factory.mktemp("pipeline") / "corpus")
-
-
-@pytest.fixture(scope="module")
 def proto_run(tmp_path_factory: pytest.TempPathFactory, corpus_dir: Path) -> tuple[Path, list[str]]:
     """A tiny pipeline with prototypes (kl and hessian at 2 bits): its folder and progress lines."""
     root = tmp_path_factory.mktemp("proto")
-    lines: list[str] = []
-    run_pipeline(write_config(root, RAW), root / "run", data=corpus_dir, command="mpnas pipeline tiny.yaml",
-                 log=lines.append)
-    return root, lines
+    return root, run_tiny(root, RAW, corpus_dir)
 
 
 def test_pipeline_builds_prototypes_and_scores_on_them(proto_run: tuple[Path, list[str]], corpus_dir: Path) -> None:
