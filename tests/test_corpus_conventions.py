@@ -181,7 +181,7 @@ def test_evaluate_says_how_the_vocabulary_differs(tiny_corpus_dir: Path, tmp_pat
 
     words = load_corpus(tiny_corpus_dir).vocab.words
     stale = ("\ufeff" + words[0], *words[1:])
-    monkeypatch.setattr(nas.cli.main, "load_any_model", lambda _path: (torch.nn.Linear(1, 1), {}, stale))
+    monkeypatch.setattr(nas.cli.main, "load_any_model", lambda _path, **_kw: (torch.nn.Linear(1, 1), {}, stale))
     model = tmp_path / "best.pt"
     model.write_bytes(b"x")
     assert main(["evaluate", str(model), "--data", str(tiny_corpus_dir)]) == 2
