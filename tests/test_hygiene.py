@@ -109,3 +109,11 @@ def test_files_and_functions_stay_small() -> None:
                 if length > MAX_FUNCTION_LINES:
                     too_long.append(f"{rel}:{node.lineno} {node.name}: {length} lines")
     assert not too_long, "split these:\n" + "\n".join(too_long)
+
+
+def test_one_way_from_a_checkpoint_to_its_model() -> None:
+    """Building a model from a stored config is written once (search_spaces.models.model_from_config)."""
+    home = REPO / "search_spaces" / "models" / "__init__.py"
+    repeats = [path.relative_to(REPO).as_posix() for path in _library_files()
+               if path != home and 'config.pop("type")' in path.read_text(encoding="utf-8")]
+    assert repeats == [], "use search_spaces.models.restore_model / model_from_config"
