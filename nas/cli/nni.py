@@ -12,7 +12,7 @@ from typing import Any
 
 from nas.config.sections import ConfigError, load_config
 from nas.nni.launcher import NniRunError, emit_yaml, prepare, run_experiment
-from nas.nni.space import (  # re-exported: the launcher's public names
+from nas.nni.space import (
     MODES,
     TUNERS,
     load_settings,

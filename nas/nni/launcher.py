@@ -56,7 +56,7 @@ import yaml
 from nas.config.sections import ConfigError, ExperimentConfig
 from nas.core.threads import resolve_threads
 from nas.nni.outcome import collect_results, tail, trial_failure_text, tuner_error
-from nas.nni.space import (  # re-exported: the launcher's public names
+from nas.nni.space import (
     SPEC_VERSION,
     NniSettings,
     bits_space,
