@@ -14,19 +14,18 @@ projected onto their tables (as ``best.pt`` holds them), and the leftovers at th
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from nas.config.options import RetrainConfig
-from nas.config.sections import RetrainSection
 from nas.core.batches import check_token_batches, iter_stream_chunks, stream_batches, window_batches
 from nas.retrain.hooks import TrainingDivergedError, TrainingHooks
 from nas.retrain.loop import learning_rate, make_optimizer
 from nas.retrain.run import make_hooks
+from nas.retrain.step import train_step
 from search_spaces.models.protocol import as_lm
 from search_spaces.precision import PrecisionMap
 
@@ -51,28 +50,11 @@ def epoch_batches(model: nn.Module, stream: torch.Tensor, config: RetrainConfig,
     return window_batches(stream, context, config.batch_size, generator)
 
 
-def _step(model: nn.Module, hooks: TrainingHooks, optimizer: torch.optim.Optimizer, section: RetrainSection,
-          batch: Batch, state: Any, lr: float, global_step: int) -> tuple[float, Any]:
-    """One optimizer step, as nas/retrain/loop.py takes it; returns the loss and the detached new state."""
-    inputs, targets = batch
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    hooks.before_forward(model)
-    out = model(inputs, state, targets)
-    optimizer.zero_grad(set_to_none=True)
-    scale = inputs.size(1) if section.loss_reduction == "sum_time" else 1
-    extra = hooks.penalty(model)
-    ((out.loss if extra is None else out.loss + extra) * scale).backward()
-    hooks.before_step(model)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), section.clip if section.clip > 0 else math.inf)
-    loss = float(out.loss.detach())
-    if not (math.isfinite(loss) and math.isfinite(float(norm))):
-        raise TrainingDivergedError(f"retraining diverged at step {global_step + 1}: loss={loss}, gradient "
-                                    f"norm={float(norm)}, lr={lr:g}; lower lr or set clip")
-    optimizer.step()
-    hooks.after_step(model, global_step, lr=lr, loss_scale=float(scale))
-    recurrent = hasattr(model, "init_state") and out.state is not None
-    return loss, model.detach_state(out.state) if recurrent else None
+def _diverged(global_step: int, lr: float) -> Callable[[float, float], TrainingDivergedError]:
+    """The error of a step whose loss or gradient norm is not finite."""
+    return lambda loss, norm: TrainingDivergedError(
+        f"retraining diverged at step {global_step + 1}: loss={loss}, gradient norm={norm}, lr={lr:g}; "
+        "lower lr or set clip")
 
 
 def _train_epochs(model: nn.Module, hooks: TrainingHooks, config: RetrainConfig,
@@ -90,8 +72,8 @@ def _train_epochs(model: nn.Module, hooks: TrainingHooks, config: RetrainConfig,
         state, total = None, 0.0
         for inputs, targets in batches[:steps]:
             lr = learning_rate(section, epoch, global_step, steps * config.epochs)
-            loss, state = _step(model, hooks, optimizer, section, (inputs.to(device), targets.to(device)),
-                                state if stream else None, lr, global_step)
+            loss, state = train_step(model, model, hooks, optimizer, section, (inputs.to(device), targets.to(device)),
+                                     state if stream else None, lr, global_step, diverged=_diverged(global_step, lr))
             total += loss
             global_step += 1
         log.info("retrain (%s) epoch %d/%d: train loss %.4f over %d steps", config.method, epoch + 1,

@@ -44,6 +44,7 @@ from nas.core.errors import CheckpointError
 from nas.retrain.distill import Distiller
 from nas.retrain.distributed import DistInfo, barrier, dist_info_from_env, init_distributed, resolve_device, shutdown
 from nas.retrain.hooks import EpochStats, Position, RunOptions, TrainingDivergedError, TrainingHooks
+from nas.retrain.step import train_step
 from search_spaces.models import build_model, model_config_dict
 
 log = logging.getLogger(__name__)
@@ -296,31 +297,20 @@ class _Run:
     def _step(self, epoch: int, step: int, global_step: int, batch: tuple[torch.Tensor, torch.Tensor]
               ) -> tuple[float, int]:
         """One optimizer step; its cross-entropy and the tokens it trained on (over all ranks)."""
-        cfg, model = self.cfg, self.model
         inputs, targets = (t.to(self.dev) for t in batch)
-        self.lr = learning_rate(cfg, epoch, global_step, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-        self.hooks.before_forward(model)
-        out = self.net(inputs, self.lstm_state, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        scale = inputs.size(1) if cfg.loss_reduction == "sum_time" else 1
-        extra = self.hooks.penalty(model)
-        objective = out.loss if self.distiller is None else self.distiller.mix(inputs, out.logits, out.loss)
-        total = objective if extra is None else objective + extra
-        (total * scale).backward()
-        self.hooks.before_step(model)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip if cfg.clip > 0 else math.inf)
-        loss = float(out.loss.detach())
-        if not (math.isfinite(loss) and math.isfinite(float(norm))):
-            raise TrainingDivergedError(
+        self.lr = learning_rate(self.cfg, epoch, global_step, self.total_steps)
+
+        def diverged(loss: float, norm: float) -> TrainingDivergedError:
+            return TrainingDivergedError(
                 f"{self.exp.source}: training diverged at epoch {epoch + 1}, step {step + 1}: loss={loss}, "
-                f"gradient norm={float(norm)}, lr={self.lr:g}. Lower train.lr or set train.clip; the last "
+                f"gradient norm={norm}, lr={self.lr:g}. Lower train.lr or set train.clip; the last "
                 f"good checkpoint is {self.ckpt_path}")
-        self.optimizer.step()
-        self.hooks.after_step(model, global_step, lr=self.lr, loss_scale=float(scale))
+
+        mix = None if self.distiller is None else self.distiller.mix
+        loss, state = train_step(self.net, self.model, self.hooks, self.optimizer, self.cfg, (inputs, targets),
+                                 self.lstm_state, self.lr, global_step, diverged=diverged, mix=mix)
         if self.recurrent:
-            self.lstm_state = model.detach_state(out.state)
+            self.lstm_state = state
         return loss, inputs.numel() * self.info.world_size
 
     def _end_epoch(self, epoch: int, global_step: int, stats: EpochStats) -> dict[str, Any] | None:
