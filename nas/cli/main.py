@@ -16,7 +16,7 @@ from nas.cli.nni import add_nni_parser
 from nas.cli.pipeline import add_pipeline_parser, run_from_args
 from nas.cli.report import add_report_parser
 from nas.cli.search import add_search_parser, add_space_parser
-from nas.config.sections import load_config
+from nas.config.sections import RETRAIN_METHODS, load_config
 from nas.core.console import configure_logging
 from nas.core.corpus_report import corpus_summary, describe_vocab_mismatch, format_corpus_summary
 from nas.core.data import CorpusOptions, DataError, load_corpus, resolve_data_dir
@@ -194,7 +194,7 @@ def _add_training_parsers(sub: Any) -> None:
     p.add_argument("config", help="experiment YAML (its `retrain` section)")
     p.add_argument("--precision", required=True, help="precision map (.yaml/.json) or uniform:BITS")
     p.add_argument("--checkpoint", required=True, help="the FP best.pt to start from")
-    p.add_argument("--method", choices=["admm", "ste"], help="default: retrain.method of the config")
+    p.add_argument("--method", choices=RETRAIN_METHODS, help="default: retrain.method of the config")
     p.add_argument("--out", help="run folder (default runs/<config>_<method>)")
     p.add_argument("--init", choices=["fp", "inherited"],
                    help="start each cluster from the FP weights or its prototype's (default: retrain.init)")
@@ -206,7 +206,7 @@ def _add_training_parsers(sub: Any) -> None:
     p.add_argument("config", help="experiment YAML (its `retrain` section; widths: space.bits)")
     p.add_argument("--checkpoint", required=True, help="the FP checkpoint (best.pt or .safetensors)")
     p.add_argument("--bits", type=int, nargs="+", help="widths (default: the config's space.bits below 16)")
-    p.add_argument("--method", choices=["admm", "ste"], help="default: retrain.method of the config")
+    p.add_argument("--method", choices=RETRAIN_METHODS, help="default: retrain.method of the config")
     p.add_argument("--out", help="prototype folder (default runs/<config>_prototypes)")
     p.add_argument("--max-steps", type=int, help="cap on retraining steps per epoch (e.g. 100 for 4 and 8 bits, "
                    "where retraining recovers little; default: retrain.max_steps_per_epoch)")

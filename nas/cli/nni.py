@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from nas.config.sections import ConfigError, load_config
+from nas.config.sections import RETRAIN_METHODS, ConfigError, load_config
 from nas.nni.launcher import NniRunError, emit_yaml, prepare, run_experiment
 from nas.nni.space import (
     MODES,
@@ -95,7 +95,7 @@ def add_nni_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="NNI manager port (default: a free one)")
     p.add_argument("--out", help="experiment folder; trials in OUT/trials/<id> (default runs/nni_<config>_<mode>)")
     p.add_argument("--checkpoint", help="FP best.pt the trials start from (required in bits mode)")
-    p.add_argument("--method", choices=["admm", "ste"],
+    p.add_argument("--method", choices=RETRAIN_METHODS,
                    help="retraining method (default: pipeline.retrain_method, else retrain.method)")
     p.add_argument("--keep-going", action="store_true", help="do not stop at the first failed trial")
     p.add_argument("--emit-config", metavar="EXP_YML", help="write the NNI YAML for `nnictl create` and exit")

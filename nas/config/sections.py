@@ -94,6 +94,9 @@ class TrainSection:
         check_fields(self)
 
 
+RETRAIN_METHODS = ("ste", "admm")  # every retraining method, listed once
+
+
 @dataclass
 class RetrainSection(TrainSection):
     """Quantization-aware retraining from an FP checkpoint (optimiser keys as in ``train``)."""
@@ -101,7 +104,7 @@ class RetrainSection(TrainSection):
     SECTION: ClassVar[str] = "retrain"
     # ste | admm. STE is the default because it retrains converged FP models best (RESULTS, "Uniform
     # precision from the reference checkpoints": ADMM's pull only hurt at every rho TPE tried).
-    method: str = one_of("ste", "admm", "ste")
+    method: str = one_of("ste", *RETRAIN_METHODS)
     epochs: int = bounded(3, ge=1)
     # ADMM: initial penalty weight (0 = STE with the quantized forward); pull step lr*rho*loss scale
     rho: float = bounded(1e-3, ge=0)
@@ -195,7 +198,7 @@ class PipelineSection:
     SECTION: ClassVar[str] = "pipeline"
     strategies: list[str] = field(default_factory=lambda: ["kl", "gumbel"])
     budgets: list[float] = field(default_factory=lambda: [2.0])
-    retrain_method: str | None = one_of(None, "admm", "ste", note="(or leave it out: retrain.method)")
+    retrain_method: str | None = one_of(None, *RETRAIN_METHODS, note="(or leave it out: retrain.method)")
     include_uniform: bool = True
     # build uniform prototypes (space.bits below 16) after FP; kl and hessian then score on them,
     # and retrain.init: inherited starts from them (nas/pipeline/prototypes.py)

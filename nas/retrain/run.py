@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nas.config.sections import ExperimentConfig, RetrainSection
+from nas.config.sections import RETRAIN_METHODS, ExperimentConfig, RetrainSection
 from nas.core.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint, save_checkpoint
 from nas.core.corpus_report import describe_vocab_mismatch
 from nas.core.data import Corpus, DataError
@@ -228,8 +228,8 @@ def retrain(exp: ExperimentConfig, corpus: Corpus, fp_checkpoint: str | Path, pr
     probe.load_state_dict(ckpt["model"])
     precision.validate(probe)  # the map against the model, before prototypes are read or anything trains
     method = method or cfg.method
-    if method not in ("admm", "ste"):
-        raise UsageError(f"unknown retraining method {method!r}; expected 'admm' or 'ste'")
+    if method not in RETRAIN_METHODS:
+        raise UsageError(f"unknown retraining method {method!r}; expected one of {list(RETRAIN_METHODS)}")
     if cfg.init == "inherited":
         if prototypes is None:
             raise UsageError("retrain.init is 'inherited' but no prototype folder was given (--prototypes DIR, "
