@@ -30,7 +30,7 @@ class SearchData:
     length: int = 20  # BPTT steps (LSTM) or context (Transformer)
     device: str = "cpu"
     cache_dir: Path | None = None  # where score tables are kept between budgets
-    # {bits: {cluster: weight}} of uniform retrained prototypes (nas.pipeline.prototypes.prototype_weights):
+    # {bits: {cluster: weight}} of uniform retrained prototypes (nas.retrain.prototype_store.prototype_weights):
     # when given, kl and hessian rate each width by the prototype's weights, not by Q_b(W) (issue 13)
     prototypes: Replacements | None = None
 
