@@ -8,7 +8,7 @@
   it, optionally baking the quantized values in.
 
 Both also quantize the leftovers (every parameter outside the clusters, see
-:func:`~search_spaces.precision.find_leftovers`) when the map's ``leftover_bits`` is below 32,
+:func:`~search_spaces.clusters.find_leftovers`) when the map's ``leftover_bits`` is below 32,
 with the per-tensor affine quantizer, so a model evaluated here is the model a packed file holds.
 
 Both work on any module tree whose clusters :func:`~search_spaces.precision.find_clusters`
