@@ -11,7 +11,7 @@ Both also quantize the leftovers (every parameter outside the clusters, see
 :func:`~search_spaces.clusters.find_leftovers`) when the map's ``leftover_bits`` is below 32,
 with the per-tensor affine quantizer, so a model evaluated here is the model a packed file holds.
 
-Both work on any module tree whose clusters :func:`~search_spaces.precision.find_clusters`
+Both work on any module tree whose clusters :func:`~search_spaces.clusters.find_clusters`
 finds: our LMs, and user models of ``nn.Linear``, ``nn.Embedding``, torch's ``nn.LSTM``/``nn.GRU``
 and ``nn.MultiheadAttention`` (hence ``nn.TransformerEncoderLayer``).
 """
