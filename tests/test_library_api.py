@@ -122,6 +122,16 @@ def test_strategy_names_are_listed_once() -> None:
     PipelineSection(strategies=list(STRATEGY_NAMES))  # the schema accepts every one
 
 
+def test_retraining_methods_are_listed_once() -> None:
+    from nas.config.options import RETRAIN_CONFIGS
+    from nas.config.sections import RETRAIN_METHODS, PipelineSection, RetrainSection
+
+    assert set(RETRAIN_CONFIGS) == set(RETRAIN_METHODS)
+    for method in RETRAIN_METHODS:  # the sections accept every one
+        RetrainSection(method=method)
+        PipelineSection(retrain_method=method)
+
+
 def test_config_defaults_are_the_sections_defaults() -> None:
     from nas.config.options import RETRAIN_CONFIGS, STRATEGY_CONFIGS
     from nas.config.sections import DataSection, RetrainSection, SearchSection
