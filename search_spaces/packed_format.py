@@ -82,6 +82,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> bytes:
     return np.packbits(bit_matrix.reshape(-1), bitorder="little").tobytes()
 
 
+def signed_codes(stored: Any, bits: int) -> Any:
+    """The signed codes of stored unsigned ones (numpy or torch integers): ``2u - 1`` at 1 bit, else ``u - qmax``."""
+    return stored * 2 - 1 if bits == 1 else stored - qmax(bits)
+
+
 def unpack_codes(payload: bytes, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: ``count`` signed codes as int64."""
     if len(payload) * 8 < bits * count:
@@ -89,8 +94,7 @@ def unpack_codes(payload: bytes, bits: int, count: int) -> torch.Tensor:
                               f"got {len(payload)}")
     bit_array = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), count=bits * count, bitorder="little")
     unsigned = (bit_array.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(axis=1)
-    signed = unsigned * 2 - 1 if bits == 1 else unsigned - qmax(bits)
-    return torch.from_numpy(signed)
+    return torch.from_numpy(signed_codes(unsigned, bits))
 
 
 def pack_unsigned(codes: torch.Tensor, bits: int) -> bytes:

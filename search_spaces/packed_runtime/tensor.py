@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from search_spaces.packed_format import signed_codes
 from search_spaces.quant import qmax
 
 _BYTE_TABLE_BITS = (1, 2, 4, 8)  # widths whose codes never straddle a byte
@@ -32,9 +33,7 @@ MIN_BLOCK_ROWS = 16
 
 def code_values(bits: int) -> torch.Tensor:
     """float32 value of each unsigned stored code ``0 .. 2^bits - 1`` (``2u - 1`` at 1 bit, else ``u - qmax``)."""
-    unsigned = torch.arange(2**bits, dtype=torch.int64)
-    signed = unsigned * 2 - 1 if bits == 1 else unsigned - qmax(bits)
-    return signed.to(torch.float32)
+    return signed_codes(torch.arange(2**bits, dtype=torch.int64), bits).to(torch.float32)
 
 
 def byte_table(bits: int) -> torch.Tensor:
